@@ -1,0 +1,154 @@
+"""io: file formats, the (z, y, x) <-> (x, y, z) convention, physical geometry and input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SpineInpaintLib import SpineInpaintError, io
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_write_read_round_trip_keeps_values_and_geometry(tmp_path, oblique_volume, suffix):
+    path = io.write_volume(oblique_volume, tmp_path / f"vol{suffix}")
+    back = io.read_volume(path)
+    np.testing.assert_array_equal(back.array, oblique_volume.array)
+    assert back.same_grid(oblique_volume)
+    np.testing.assert_allclose(back.direction, oblique_volume.direction, atol=1e-6)
+
+
+def test_array_order_is_zyx_and_sitk_order_is_xyz(oblique_volume):
+    image = io.to_sitk(oblique_volume)
+    assert image.GetSize() == (9, 7, 5)
+    assert oblique_volume.size_xyz == (9, 7, 5)
+    assert oblique_volume.spacing_zyx == (2.5, 0.8, 0.7)
+    assert image.GetPixel(8, 1, 3) == pytest.approx(float(oblique_volume.array[3, 1, 8]))
+
+
+def test_index_to_physical_matches_itk_and_inverts(oblique_volume):
+    image = io.to_sitk(oblique_volume)
+    zyx = np.array([[0, 0, 0], [4, 6, 8], [2, 3, 1]])
+    lps = oblique_volume.index_to_physical(zyx)
+    for row, point in zip(zyx, lps):
+        expected = image.TransformIndexToPhysicalPoint([int(v) for v in row[::-1]])
+        np.testing.assert_allclose(point, expected, atol=1e-9)
+    np.testing.assert_allclose(oblique_volume.physical_to_index(lps), zyx, atol=1e-9)
+
+
+def test_ijk_to_ras_flips_the_first_two_axes_of_lps(oblique_volume):
+    ijk = np.array([8, 1, 3, 1.0])
+    lps = oblique_volume.ijk_to_lps() @ ijk
+    ras = oblique_volume.ijk_to_ras() @ ijk
+    np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]])
+    np.testing.assert_allclose(lps[:3], oblique_volume.index_to_physical([3, 1, 8])[0])
+
+
+def test_with_array_rejects_another_shape(oblique_volume):
+    with pytest.raises(SpineInpaintError, match="does not match the grid"):
+        oblique_volume.with_array(np.zeros((2, 2, 2)))
+
+
+def test_resample_keeps_a_point_at_its_physical_position():
+    base = io.Volume(np.zeros((20, 30, 30), np.float32), spacing=(1.0, 1.0, 2.0), origin=(5.0, -3.0, 10.0))
+    base.array[10, 12, 17] = 1000.0
+    target = base.index_to_physical([10, 12, 17])[0]
+    fine = io.resample_to_spacing(base, (0.5, 0.5, 1.0))
+    peak = np.unravel_index(np.argmax(fine.array), fine.shape)
+    np.testing.assert_allclose(fine.index_to_physical(peak)[0], target, atol=0.5 + 1e-6)
+    # The extent is kept: same physical field of view (edges of first and last voxels).
+    assert fine.size_xyz == (60, 60, 40)
+
+
+def test_resample_like_labels_stay_integer_labels(real_case):
+    ct, labels = real_case
+    coarse = io.resample_to_spacing(labels, (6.0, 6.0, 6.0), labels=True)
+    assert set(np.unique(coarse.array)) <= set(np.unique(labels.array))
+
+
+def test_reorient_to_lps_keeps_every_voxel_at_its_position(real_case):
+    ct, _ = real_case
+    assert not np.allclose(ct.direction, np.eye(3))  # the scan is stored RAS-like: diag(-1, -1, 1)
+    lps = io.reorient(ct, "LPS")
+    np.testing.assert_allclose(lps.direction, np.eye(3))
+    for zyx in ([0, 0, 0], [50, 40, 100]):
+        point = ct.index_to_physical(zyx)[0]
+        back = np.round(lps.physical_to_index(point)[0]).astype(int)
+        assert lps.array[tuple(back)] == ct.array[tuple(zyx)]
+
+
+def test_dicom_series_reads_as_a_volume(real_dir):
+    ct = io.read_volume(real_dir / "totalsegmentator" / "example_ct_dicom")
+    assert ct.size_xyz == (512, 512, 20)
+    np.testing.assert_allclose(ct.spacing, (0.9765625, 0.9765625, 2.0), atol=1e-6)
+    assert -1100 <= ct.array.min() and ct.array.max() < 3000
+
+
+def test_real_cases_load_with_labels_on_the_ct_grid():
+    ct, labels = io.load_real_case("totalsegmentator")
+    assert labels.same_grid(ct) and labels.array.dtype == np.uint8
+    assert set(range(25, 34)) <= set(np.unique(labels.array).tolist())
+    # The DICOM labels are stored with flipped rows: after physical resampling they sit on bone.
+    dct, dlabels = io.load_real_case("totalsegmentator_dicom")
+    assert dlabels.same_grid(dct)
+    vertebra = np.isin(dlabels.array, [32, 33])
+    assert vertebra.sum() > 1000
+    assert dct.array[vertebra].mean() > 150  # bone; a misaligned mask would average soft tissue
+    assert dct.array[vertebra].mean() > dct.array[~vertebra].mean() + 200
+
+
+def test_unknown_real_case_is_a_clear_error():
+    with pytest.raises(SpineInpaintError, match="unknown real case 'nope'"):
+        io.load_real_case("nope")
+
+
+# --- bad input ---------------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(SpineInpaintError, match="file not found"):
+        io.read_volume(tmp_path / "nothing.nii.gz")
+
+
+def test_not_an_image(tmp_path):
+    path = tmp_path / "notes.nii.gz"
+    path.write_text("this is not a volume")
+    with pytest.raises(SpineInpaintError, match="cannot read .* as an image"):
+        io.read_volume(path)
+
+
+def test_2d_image_is_refused_when_3d_is_needed(tmp_path):
+    path = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(path))
+    with pytest.raises(SpineInpaintError, match="2D image .*16x16.*3D volume is needed"):
+        io.read_volume(path)
+
+
+def test_single_slice_volume_is_refused_when_3d_is_needed(tmp_path):
+    path = tmp_path / "one.nrrd"
+    sitk.WriteImage(sitk.Image(16, 16, 1, sitk.sitkInt16), str(path))
+    with pytest.raises(SpineInpaintError, match="3D volume is needed"):
+        io.read_volume(path)
+    assert io.read_volume(path, require_3d=False).shape == (1, 16, 16)
+
+
+def test_wrong_pixel_type(tmp_path):
+    path = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.Image([8, 8, 4], sitk.sitkVectorUInt8, 3), str(path))
+    with pytest.raises(SpineInpaintError, match="pixel type .*scalar"):
+        io.read_volume(path)
+
+
+def test_folder_without_dicom(tmp_path):
+    with pytest.raises(SpineInpaintError, match="no DICOM series"):
+        io.read_volume(tmp_path)
+
+
+def test_write_refuses_an_unknown_suffix(tmp_path, oblique_volume):
+    with pytest.raises(SpineInpaintError, match="use one of"):
+        io.write_volume(oblique_volume, tmp_path / "vol.png")
+
+
+def test_volume_rejects_non_3d_and_bad_spacing():
+    with pytest.raises(SpineInpaintError, match="must be 3D"):
+        io.Volume(np.zeros((4, 4)))
+    with pytest.raises(SpineInpaintError, match="spacing must be positive"):
+        io.Volume(np.zeros((2, 2, 2)), spacing=(1.0, 0.0, 1.0))
