@@ -43,7 +43,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from SpineInpaintLib import SpineInpaintError
-from SpineInpaintLib.io import Volume, from_sitk, to_sitk
+from SpineInpaintLib.io import Volume, reorient
 
 __all__ = [
     "COLUMNS",
@@ -564,7 +564,7 @@ def to_deeplesion_orientation(volume: Volume) -> Volume:
     The result has the direction closest to :data:`DEEPLESION_DIRECTION` (exactly it for an
     axis-aligned input) and every voxel keeps its physical (LPS) position.
     """
-    oriented = from_sitk(sitk.DICOMOrient(to_sitk(volume), "LPI"))
+    oriented = reorient(volume, "LPI")
     oriented.array = oriented.array.astype(volume.array.dtype, copy=False)
     return oriented
 
