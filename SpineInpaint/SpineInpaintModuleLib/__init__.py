@@ -1,0 +1,1 @@
+"""Helpers of the SpineInpaint Slicer module that need neither Qt nor ``slicer.app`` (tested by pytest)."""
