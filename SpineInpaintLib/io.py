@@ -339,3 +339,50 @@ def reorient(volume: Volume, orientation: str = "LPS") -> Volume:
     """
     image = sitk.DICOMOrient(to_sitk(volume), orientation)
     return from_sitk(image)
+
+
+# --- Volume <-> vtkImageData (VTK's x-fastest order is numpy's C order of (z, y, x)) ---------------
+def to_vtk_image(volume: Volume):
+    """A ``vtkImageData`` holding a copy of the voxels, with the volume's spacing, origin and direction.
+
+    VTK stores voxels x fastest, which is the C order of the ``(z, y, x)`` array, so the flat buffer
+    is copied as it is. The direction matrix (LPS) is set on the image, but many VTK filters ignore
+    it: to work in index space, pass a volume with unit spacing and identity direction.
+    Bool voxels become uint8.
+    """
+    from vtkmodules.util import numpy_support
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    array = volume.array
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    image = vtkImageData()
+    image.SetDimensions(*[int(n) for n in volume.size_xyz])
+    image.SetSpacing(*volume.spacing)
+    image.SetOrigin(*volume.origin)
+    image.SetDirectionMatrix(*[float(v) for v in volume.direction.ravel()])
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True)
+    scalars.SetName("ImageScalars")
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def from_vtk_image(image) -> Volume:
+    """A :class:`Volume` (array copied, ``(z, y, x)``) from a single-component ``vtkImageData``.
+
+    The origin is that of the image's first extent index, so an image whose extent does not start
+    at 0 keeps its physical position.
+    """
+    from vtkmodules.util import numpy_support
+
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None or scalars.GetNumberOfComponents() != 1:
+        raise SpineInpaintError("a vtkImageData with one scalar component per voxel is needed")
+    nx, ny, nz = image.GetDimensions()
+    direction = np.array([image.GetDirectionMatrix().GetElement(i, j) for i in range(3) for j in range(3)])
+    direction = direction.reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    start = np.asarray(image.GetExtent()[::2], dtype=float)
+    origin = np.asarray(image.GetOrigin(), dtype=float) + direction @ (spacing * start)
+    array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx).copy()
+    return Volume(array, tuple(spacing), tuple(origin), direction)

@@ -195,29 +195,20 @@ def _default_label_name(label: int) -> str:
     return _labels.vertebra_name(label) if _labels.is_vertebra(label) else f"Label {label}"
 
 
-# --- numpy <-> vtkImageData ----------------------------------------------------------------------
+# --- numpy <-> vtkImageData (the axis-order conversion lives in io) ---------------------------------
 def _image_data_from_array(array: np.ndarray, size_xyz: Sequence[int]):
-    """A vtkImageData holding a copy of ``array`` (z, y, x): its C order is VTK's x-fastest order."""
-    from vtkmodules.util import numpy_support
-    from vtkmodules.vtkCommonDataModel import vtkImageData
+    """A vtkImageData holding a copy of ``array`` (z, y, x) with identity geometry (the node holds it);
+    its dimensions are ``size_xyz``, the array's shape reversed."""
+    from SpineInpaintLib import io
 
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    image = vtkImageData()
-    image.SetDimensions(*[int(n) for n in size_xyz])
-    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True)
-    scalars.SetName("ImageScalars")
-    image.GetPointData().SetScalars(scalars)
-    return image
+    return io.to_vtk_image(Volume(array))
 
 
 def _array_from_image_data(image) -> np.ndarray:
     """A (z, y, x) copy of the scalars of a single-component vtkImageData."""
-    from vtkmodules.util import numpy_support
+    from SpineInpaintLib import io
 
-    nx, ny, nz = image.GetDimensions()
-    scalars = image.GetPointData().GetScalars()
-    return numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx).copy()
+    return io.from_vtk_image(image).array
 
 
 def _vtk_matrix(matrix: np.ndarray):
