@@ -19,6 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 
 demo: setup
+	rm -rf demo_output
 	$(PY) -m SpineInpaintLib demo --out demo_output
 
 test: setup

@@ -40,13 +40,14 @@ def _run_info(args: argparse.Namespace) -> int:
 # --- demo ----------------------------------------------------------------------------------------
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    parser.add_argument("--case", default="totalsegmentator", help="embedded real case to run on")
+    parser.add_argument("--no-detect", action="store_true", help="give the simulated lesion mask instead of detecting it")
+    parser.add_argument("--method", default=None, help="inpainting method (default: the pipeline's)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from SpineInpaintLib.demo import run_demo
 
-    return run_demo(Path(args.out), case=args.case)
+    return run_demo(Path(args.out), detect=not args.no_detect, method=args.method)
 
 
 # --- phantom -------------------------------------------------------------------------------------
@@ -110,6 +111,40 @@ def _run_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- restore (the main job) ---------------------------------------------------------------------
+def _add_restore(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ct", help="spine CT (NIfTI, NRRD, MHA, or a DICOM folder)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--lesion-mask", help="lesion mask on the CT's grid: skip detection and restore this region")
+    parser.add_argument("--method", default=None,
+                        help="inpainting method: context (default), wgan-gp, dcgan, pggan, biharmonic, nearest")
+    parser.add_argument("--seg-net", default="unet", choices=("unet", "vnet"), help="segmentation network")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (recorded in report.json)")
+    parser.add_argument("--no-figure", action="store_true", help="skip report.png")
+
+
+def _run_restore(args: argparse.Namespace) -> int:
+    from SpineInpaintLib import io, pipeline
+
+    ct_path = Path(args.ct)
+    ct = io.read_volume(ct_path)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpineInpaintError(f"output folder {out} exists and is not empty; choose a new one")
+    mask = io.read_volume(args.lesion_mask) if args.lesion_mask else None
+    result = pipeline.restore(ct, mask, method=args.method or pipeline.DEFAULT_METHOD, seg_net=args.seg_net,
+                              device=args.device, seed=args.seed, progress=True)
+    paths = pipeline.write_outputs(result, out, figure=not args.no_figure)
+    report = result.report
+    print(f"restored levels: {', '.join(v['level'] for v in report['restored_vertebrae']) or 'none'} "
+          f"({report['inpainting'].get('noop') or report['inpainting']['method']})")
+    print("outputs:")
+    for path in paths.values():
+        print(f"  {path}")
+    return 0
+
+
 # --- bench -----------------------------------------------------------------------------------------
 def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
@@ -125,13 +160,232 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train <stage> / evaluate <stage> ------------------------------------------------------------------
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """``module.function(args)``, imported only when the command runs (keeps --help fast)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+
+    return run
+
+
+def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--net", choices=("unet", "vnet"), default="unet", help="network (default unet)")
+    parser.add_argument("--out", help="run folder: checkpoint.pt, metrics.csv, curves.png, weights "
+                        "(default runs/segmentation/<net>)")
+    parser.add_argument("--cache", default="runs/segmentation/cache",
+                        help="folder of the cases resampled to the network grid (.npy, built on demand)")
+    parser.add_argument("--phantoms", type=int, default=40, help="number of phantom cases (default 40); with 0 "
+                        "and no --real/--deeplesion, every case already in --cache")
+    parser.add_argument("--phantom-seed", type=int, default=1000, help="seed of the first phantom (default 1000)")
+    parser.add_argument("--healthy-fraction", type=float, default=0.3,
+                        help="fraction of the phantoms without a lesion (default 0.3)")
+    parser.add_argument("--real", default="", help="real scans to train on, comma-separated (e.g. totalsegmentator); "
+                        "each joins the training set as is and with a simulated lesion")
+    parser.add_argument("--deeplesion", action="append", default=[],
+                        help="DeepLesion-format folder with our Masks_png/ extension (repeatable)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--steps-per-epoch", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8, help="crops per step and process")
+    parser.add_argument("--crop", type=int, default=160, help="training crop size in pixels (multiple of 16)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation by case (the paper: 10)")
+    parser.add_argument("--fold", type=int, default=0, help="which fold validates (0 ... folds-1)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
+    parser.add_argument("--val-slices", type=int, default=12,
+                        help="validation slices per validation case, evaluated every epoch (default 12)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    parser.add_argument("--export", help="also copy the final weights, metadata and curves here "
+                        "(e.g. Resources/segmentation)")
+
+
+def _add_evaluate_segmentation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nets", default="unet,vnet", help="networks to evaluate, comma-separated (default both)")
+    parser.add_argument("--weights-dir", default=str(Path(__file__).resolve().parents[1] / "Resources" / "segmentation"),
+                        help="folder of <net>.safetensors + <net>.json (default: the shipped weights)")
+    parser.add_argument("--cases", type=int, default=None,
+                        help="evaluate at most this many held-out test phantoms (default: all of them; 0: none)")
+    parser.add_argument("--real", default="totalsegmentator", help="real scans to score, comma-separated ('' for none)")
+    parser.add_argument("--json", help="also write every number to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def _add_train_detection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=("retinanet", "faster_rcnn"), default="retinanet",
+                        help="MONAI RetinaNet (default) or the paper's Faster R-CNN VGG-16 baseline")
+    parser.add_argument("--out", help="run folder: last.pt, best.safetensors + .json, metrics.csv, curves.png "
+                        "(default runs/detection/<arch>)")
+    parser.add_argument("--cache", default="runs/detection/data",
+                        help="folder of the cached training/validation crops (built on demand, shared by both)")
+    parser.add_argument("--phantoms", type=int, default=28, help="lesioned training phantoms (default 28)")
+    parser.add_argument("--healthy-phantoms", type=int, default=4, help="healthy training phantoms (default 4)")
+    parser.add_argument("--real", type=int, default=20,
+                        help="simulated lesions on the real scan, one case each (default 20)")
+    parser.add_argument("--val-phantoms", type=int, default=6, help="validation phantoms (default 6)")
+    parser.add_argument("--val-real", type=int, default=6, help="validation real-scan lesions (default 6)")
+    parser.add_argument("--deeplesion", help="also train on this DeepLesion-format folder (bone lesions)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--steps-per-epoch", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per step and process")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3 RetinaNet, 2e-4 Faster R-CNN)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--export",
+                        help="also copy the best weights, metadata and curves here (e.g. Resources/detection)")
+
+
+def _add_evaluate_detection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retinanet",
+                        help="RetinaNet weights (default: the shipped Resources/detection/retinanet.safetensors)")
+    parser.add_argument("--faster-rcnn", default="runs/detection/faster_rcnn/best.safetensors",
+                        help="Faster R-CNN baseline weights "
+                        "(default runs/detection/faster_rcnn/best.safetensors)")
+    parser.add_argument("--phantoms", type=int, default=18, help="lesioned test phantoms (default 18)")
+    parser.add_argument("--real", type=int, default=9, help="test lesions simulated on the real scan (default 9)")
+    parser.add_argument("--healthy-phantoms", type=int, default=4, help="healthy test phantoms (default 4)")
+    parser.add_argument("--deeplesion", help="also score the test-split bone lesions of this DeepLesion-format folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-volume", action="store_true", help="skip the volume-level evaluation")
+    parser.add_argument("--figures",
+                        help="write detection_froc.png and detection_examples.png here (e.g. docs)")
+    parser.add_argument("--json", help="also write every number to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_gan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="wgan-gp",
+                        help="wgan-gp (default), dcgan, pggan (the paper's Table II) or context (our inpainter)")
+    parser.add_argument("--kind", default="binary", help="binary spine masks (the paper's) or grey CT crops")
+    parser.add_argument("--data", default="runs/gan_data", help="folder of the cached 64x64 crops (built on demand)")
+    parser.add_argument("--phantoms", type=int, default=50,
+                        help="phantom seeds to cache (train/val split only; default 50, 0 = use the cache as is)")
+    parser.add_argument("--phantom-seed", type=int, default=0, help="first phantom seed (default 0)")
+    parser.add_argument("--real", default="totalsegmentator", help="real scans to add ('' for none; L2-L4 held out)")
+    parser.add_argument("--out", help="run folder (default runs/gan/<model>[_grey])")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--iters-per-epoch", type=int, default=100, help="generator iterations per epoch")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--width", type=int, help="generator base width (default: the shipped size)")
+    parser.add_argument("--critic-width", type=int, help="discriminator base width (default: the shipped size)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default: the model's paper setting)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--export", help="also write the final weights and sample grid here (e.g. Resources/gan)")
+
+
+def _add_evaluate_inpainting(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", default="context,wgan-gp,dcgan,pggan,biharmonic,nearest",
+                        help="methods to compare, comma-separated")
+    parser.add_argument("--phantoms", type=int, default=6, help="held-out test phantoms (default 6)")
+    parser.add_argument("--lesions-per-case", type=int, default=2,
+                        help="simulated lesions per phantom: alternately destructive and intact cortex (default 2)")
+    parser.add_argument("--real", type=int, default=2, help="lesions simulated on the real scan's held-out L2-L4 (default 2)")
+    parser.add_argument("--grey", action="store_true", help="also restore the CT (MAE/PSNR/SSIM inside the lesion)")
+    parser.add_argument("--steps", type=int, default=100, help="z-optimisation steps (default 100)")
+    parser.add_argument("--restarts", type=int, default=2, help="z restarts per slice (default 2)")
+    parser.add_argument("--figure6", default="context,wgan-gp,dcgan,pggan",
+                        help="methods of the Figure 6 check (16x16 holes on healthy crops), comma-separated")
+    parser.add_argument("--cache", default="runs/inpainting_eval",
+                        help="folder that keeps the generated test lesions for the next run ('' for none)")
+    parser.add_argument("--weights-dir", help="folder of the weights (default Resources/gan)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figures", help="write inpainting_*.png here (e.g. docs)")
+    parser.add_argument("--json", help="also write every number to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+#: stage -> (one-line help, add-arguments function, run function) of ``train <stage>``; other stages
+#: (detection, gan, inpainting) add their entry here.
+TRAINERS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "segmentation": ("train the 2D U-Net or V-Net spine segmenter (k-fold, resumable, torchrun-ready)",
+                     _add_train_segmentation, _lazy("SpineInpaintLib.seg_train", "run_train")),
+    "detection": ("train the MONAI RetinaNet lesion detector or the Faster R-CNN VGG-16 baseline (resumable, "
+                  "torchrun-ready)", _add_train_detection, _lazy("SpineInpaintLib.det_train", "run_train")),
+    "gan": ("train a healthy-spine GAN (WGAN-GP, DCGAN, PGGAN) or the context inpainter on 64x64 crops "
+            "(resumable, torchrun-ready)", _add_train_gan, _lazy("SpineInpaintLib.gan", "run_train")),
+}
+
+#: stage -> (one-line help, add-arguments function, run function) of ``evaluate <stage>``.
+def _add_evaluate_restore(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--case", default="totalsegmentator", help="real case to put the lesion in")
+    parser.add_argument("--level", default="L3", help="lesioned vertebra (default L3)")
+    parser.add_argument("--seeds", default="1,2,3", help="lesion seeds, comma-separated")
+    parser.add_argument("--methods", default="context,biharmonic", help="inpainting methods, comma-separated")
+    parser.add_argument("--json", help="also write the rows as JSON here")
+
+
+EVALUATORS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "restore": ("the whole pipeline on a real scan with simulated destructive lytic lesions: Dice, HD95 and "
+                "volume error of the restored vertebra against its healthy label", _add_evaluate_restore,
+                _lazy("SpineInpaintLib.pipeline", "run_evaluate")),
+    "segmentation": ("the paper's Table I for U-Net and V-Net, 3D Dice and HD95 per vertebra on held-out cases",
+                     _add_evaluate_segmentation, _lazy("SpineInpaintLib.seg_train", "run_evaluate")),
+    "detection": ("RetinaNet and Faster R-CNN side by side on held-out slices: AP, FROC, images/s, "
+                  "the paper's row",
+                  _add_evaluate_detection, _lazy("SpineInpaintLib.det_train", "run_evaluate")),
+    "inpainting": ("GAN inpainting vs biharmonic and nearest-slice on held-out lesions: Dice, HD95, KMMD, s/slice, "
+                   "the paper's Figure 6 check", _add_evaluate_inpainting, _lazy("SpineInpaintLib.inpainting",
+                                                                                "run_evaluate")),
+}
+
+
+def _add_stages(parser: argparse.ArgumentParser, stages: dict, dest: str) -> None:
+    sub = parser.add_subparsers(dest=dest, metavar="stage")
+    for name, (help_text, add, _run) in stages.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+
+
+def _run_stage(args: argparse.Namespace, stages: dict, dest: str, command: str) -> int:
+    stage = getattr(args, dest, None)
+    if stage not in stages:
+        raise SpineInpaintError(f"{command} needs a stage: {', '.join(stages)}")
+    return stages[stage][2](args)
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    _add_stages(parser, TRAINERS, "train_stage")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    return _run_stage(args, TRAINERS, "train_stage", "train")
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    _add_stages(parser, EVALUATORS, "evaluate_stage")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    return _run_stage(args, EVALUATORS, "evaluate_stage", "evaluate")
+
+
 #: name -> (one-line help, add-arguments function, run function)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "info": ("print a volume's geometry and HU / spine statistics as JSON", _add_info, _run_info),
     "demo": ("run the main job on the embedded default case and list the outputs", _add_demo, _run_demo),
     "phantom": ("generate synthetic spine CT phantoms with simulated lesions and their truth", _add_phantom,
                 _run_phantom),
+    "restore": ("the whole pipeline: restored CT, labels, lesion mask, STL surfaces and a report", _add_restore,
+                _run_restore),
     "bench": ("time the pipeline's stages on this machine (table + JSON)", _add_bench, _run_bench),
+    "train": ("train a stage's network: train <stage> (" + ", ".join(TRAINERS) + ")", _add_train, _run_train),
+    "evaluate": ("evaluate a stage's shipped model: evaluate <stage> (" + ", ".join(EVALUATORS) + ")",
+                 _add_evaluate, _run_evaluate),
 }
 
 

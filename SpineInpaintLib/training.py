@@ -85,13 +85,18 @@ class DistributedContext:
         """Only the main process writes checkpoints, logs and figures."""
         return self.rank == 0
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` on this process's device, inside DDP when distributed."""
+    def wrap(self, model: torch.nn.Module, *, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """``model`` on this process's device, inside DDP when distributed.
+
+        ``find_unused_parameters``: for models whose loss may skip some parameters in a step (a
+        detector's box-regression head on a batch without any lesion).
+        """
         model = model.to(self.device)
         if not self.distributed:
             return model
         ids = [self.local_rank] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                         find_unused_parameters=find_unused_parameters)
 
     def all_reduce_mean(self, value: float) -> float:
         """Mean of a scalar over processes (identity for one process)."""

@@ -91,10 +91,20 @@ def test_info_reports_geometry_and_vertebrae(tmp_path, capsys, real_dir):
     assert l3["volume_ml"] == pytest.approx(l3["voxels"] * 27 / 1000, abs=1e-3)
 
 
-def test_demo_writes_its_outputs(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_restores_the_embedded_case(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    summary = json.loads((tmp_path / "out" / "spine_summary.json").read_text())
-    assert summary["case"] == "totalsegmentator" and len(summary["vertebrae"]) == 9
-    assert (tmp_path / "out" / "spine_views.png").stat().st_size > 10_000
-    assert str(tmp_path / "out" / "spine_views.png") in printed
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["restored_levels"] == [29]
+    assert "restored L3 against its healthy truth: Dice" in printed
+    for name in ("restored_ct.nii.gz", "restored_spine.stl", "report.png"):
+        assert str(tmp_path / "out" / name) in printed
+
+
+def test_demo_refuses_a_non_empty_output_folder(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"

@@ -1,0 +1,367 @@
+"""The main job: a spine CT with a tumour-destroyed vertebra -> restored CT, labels, surfaces, report.
+
+``restore(ct)`` runs, each stage timed:
+
+1. **segment** -- vertebra labels of the input (:func:`SpineInpaintLib.segmentation.segment_volume`);
+2. **detect** -- the lesion mask (:func:`SpineInpaintLib.detection.find_lesions`), unless the caller
+   gives one (drawn in Slicer's Segment Editor, or from a file); a healthy spine stops here with
+   the input returned unchanged;
+3. **inpaint** -- the vertebra mask inside the lesion (:func:`~SpineInpaintLib.inpainting.restore_mask`)
+   and the HU inside it (:func:`~SpineInpaintLib.inpainting.restore_ct`);
+4. **surfaces** -- a watertight surface of the restored spine and one per restored vertebra
+   (:mod:`SpineInpaintLib.surface`).
+
+:func:`write_outputs` writes the contract files of ``DESIGN.md`` (``restored_ct.nii.gz``,
+``spine_seg.nii.gz``, ``lesion_seg.nii.gz``, ``restored_seg.nii.gz``, ``restored_spine.stl``,
+``report.json``, ``report.png``) into a fresh folder in one step: they are written to a temporary
+folder beside it and moved into place only when all succeeded, so a failure leaves no partial outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from SpineInpaintLib import SpineInpaintError, __version__, io
+from SpineInpaintLib.labels import VERTEBRA_NAMES
+
+__all__ = ["RestoreResult", "restore", "write_outputs", "evaluate_restore", "OUTPUT_FILES", "DEFAULT_METHOD"]
+
+#: The output file names: a contract that tests, benchmarks and users rely on.
+OUTPUT_FILES = {
+    "restored_ct": "restored_ct.nii.gz",
+    "spine_seg": "spine_seg.nii.gz",
+    "lesion_seg": "lesion_seg.nii.gz",
+    "restored_seg": "restored_seg.nii.gz",
+    "restored_spine": "restored_spine.stl",
+    "report_json": "report.json",
+    "report_png": "report.png",
+}
+
+#: The default inpainting method (see :data:`SpineInpaintLib.inpainting.METHODS`).
+DEFAULT_METHOD = "context"
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    """Everything :func:`restore` produced, on the input's grid.
+
+    Attributes
+    ----------
+    ct
+        The input CT (never modified).
+    restored_ct
+        HU after inpainting (a copy of the input when no lesion was found).
+    spine_labels
+        Vertebra labels of the input (TotalSegmentator v2 ids).
+    lesion_mask
+        uint8 mask that was inpainted (zeros when none).
+    restored_labels
+        Vertebra labels after restoration.
+    surfaces
+        ``{'Spine': vtkPolyData, 'L3': ..., ...}``: the whole spine and each restored vertebra, LPS mm.
+    report
+        JSON-ready record: input, settings, stages with seconds, lesions, volumes, mesh checks, seed.
+    """
+
+    ct: io.Volume
+    restored_ct: io.Volume
+    spine_labels: io.Volume
+    lesion_mask: io.Volume
+    restored_labels: io.Volume
+    surfaces: dict
+    report: dict
+
+    @property
+    def restored_levels(self) -> list[int]:
+        return list(self.report.get("restored_levels", []))
+
+
+def _check_lesion_mask(mask: io.Volume | np.ndarray, ct: io.Volume) -> io.Volume:
+    if isinstance(mask, io.Volume):
+        if mask.shape != ct.shape or not mask.same_grid(ct, tol=1e-3):
+            raise SpineInpaintError(
+                f"the lesion mask is on another grid than the CT (mask {'x'.join(map(str, mask.size_xyz))} at "
+                f"{', '.join(f'{s:g}' for s in mask.spacing)} mm, CT {'x'.join(map(str, ct.size_xyz))} at "
+                f"{', '.join(f'{s:g}' for s in ct.spacing)} mm); resample it onto the CT first"
+            )
+        array = mask.array
+    else:
+        array = np.asarray(mask)
+        if array.shape != ct.shape:
+            raise SpineInpaintError(f"the lesion mask has shape {array.shape}, the CT {ct.shape}")
+    if not np.all(np.isfinite(array)):
+        raise SpineInpaintError("the lesion mask holds nan or inf values")
+    return ct.with_array((array != 0).astype(np.uint8))
+
+
+def restore(
+    ct: io.Volume,
+    lesion_mask: io.Volume | np.ndarray | None = None,
+    *,
+    method: str = DEFAULT_METHOD,
+    seg_net: str = "unet",
+    device: str = "cpu",
+    seed: int = 0,
+    smoothing: float = 0.5,
+    progress: bool = False,
+    truth: dict | None = None,
+) -> RestoreResult:
+    """Restore a spine CT: segment, detect (or take ``lesion_mask``), inpaint, reconstruct.
+
+    Parameters
+    ----------
+    ct
+        CT in HU, any orientation and spacing (:func:`SpineInpaintLib.io.read_volume`).
+    lesion_mask
+        The region to restore on the CT's grid (non-zero = lesion); skips detection.
+    method
+        Inpainting method (``context`` default; ``wgan-gp``, ``dcgan``, ``pggan`` as the paper;
+        ``biharmonic`` and ``nearest`` baselines).
+    seg_net
+        ``unet`` or ``vnet``.
+    device
+        ``cpu``, ``cuda`` or ``auto``.
+    seed
+        Seed of every random choice (z restarts); recorded in the report.
+    truth
+        Optional healthy truth ``{'labels': Volume, 'ct': Volume, 'level': int}`` for the report's
+        metrics (Dice, HD95, volume error of the restored vertebra).
+
+    Raises
+    ------
+    SpineInpaintError
+        Input that is not a CT, a volume without spine, a lesion mask on another grid.
+    """
+    from SpineInpaintLib import inpainting, segmentation, surface
+    from SpineInpaintLib.report import StageTimer
+    from SpineInpaintLib.training import resolve_device, seed_everything
+
+    if not isinstance(ct, io.Volume):
+        raise SpineInpaintError(f"restore needs an io.Volume, got {type(ct).__name__}")
+    seed_everything(seed)
+    dev = str(resolve_device(device))
+    mask_in = None if lesion_mask is None else _check_lesion_mask(lesion_mask, ct)
+    timer = StageTimer()
+    report: dict = {
+        "version": __version__,
+        "seed": int(seed),
+        "settings": {"method": method, "seg_net": seg_net, "device": dev, "smoothing": smoothing},
+        "input": {"geometry": ct.geometry(), "dtype": str(ct.array.dtype)},
+    }
+
+    with timer.stage("segment"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # turned into one-line errors below
+            seg = segmentation.segment_volume(ct, seg_net, device=dev, progress=progress)
+    if "not_ct" in seg.flags:
+        raise SpineInpaintError(seg.messages[0].split(" -- ")[0])
+    if "no_spine" in seg.flags:
+        raise SpineInpaintError("no spine found in the volume: is it a spine CT?")
+    labels = seg.labels
+    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
+    counts = np.bincount(labels.array.ravel().astype(np.int64), minlength=51)[25:51]
+    if counts.max() * voxel_ml < MIN_VERTEBRA_ML:
+        raise SpineInpaintError(
+            f"no spine found in the volume: the largest vertebra found holds {counts.max() * voxel_ml:.1f} mL "
+            f"(< {MIN_VERTEBRA_ML:g} mL); is it a spine CT?"
+        )
+    report["segmentation"] = {"net": seg.net, "levels": [VERTEBRA_NAMES.get(v, str(v)) for v in seg.levels()]}
+
+    lesions_found: list = []
+    if mask_in is not None:
+        mask = mask_in
+        report["lesion_source"] = "given"
+    else:
+        from SpineInpaintLib import detection
+
+        with timer.stage("detect"):
+            lesions_found, detected = detection.find_lesions(ct, labels, progress=progress)
+        mask = detected if detected is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
+        report["lesion_source"] = "detected"
+        report["lesions"] = [lesion.to_dict() if hasattr(lesion, "to_dict") else str(lesion) for lesion in lesions_found]
+    report["lesion_voxels"] = int(mask.array.sum())
+    report["lesion_ml"] = round(float(mask.array.sum() * np.prod(ct.spacing) / 1000.0), 3)
+
+    restored_ct, restored_labels, restored_levels = ct.copy(), labels.copy(), []
+    if mask.array.any():
+        with timer.stage("inpaint"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                binary = inpainting.restore_mask(labels, mask, method=method, seed=seed)
+                grey = inpainting.restore_ct(ct, labels, mask, method=method, seed=seed)
+            report["warnings"] = [str(w.message) for w in caught]
+        if binary.noop is None:
+            restored_labels = binary.restored_labels
+            restored_levels = list(binary.levels)
+        if grey.noop is None:
+            restored_ct = grey.restored
+        report["inpainting"] = {"method": method, "slices": binary.slices, "noop": binary.noop,
+                                "levels": [VERTEBRA_NAMES.get(v, str(v)) for v in binary.levels]}
+    else:
+        report["inpainting"] = {"method": method, "slices": 0, "noop": "no lesion found: nothing to restore"}
+    report["restored_levels"] = restored_levels
+
+    with timer.stage("surfaces"):
+        restored_labels, dropped = drop_small_components(restored_labels, MIN_PRINTABLE_ML)
+        report["dropped_specks"] = dropped
+        names = [VERTEBRA_NAMES[v] for v in restored_levels]
+        surfaces = surface.spine_surfaces(restored_labels, levels=restored_levels or [], smoothing=smoothing)
+        surfaces = {k: v for k, v in surfaces.items() if k == "Spine" or k in names}
+    report["surfaces"] = surface.surface_report(surfaces)
+    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
+    report["restored_vertebrae"] = [
+        {"level": VERTEBRA_NAMES[v], "id": v, "volume_ml": round(float((restored_labels.array == v).sum()) * voxel_ml, 3)}
+        for v in restored_levels
+    ]
+    if truth is not None:
+        report["truth_metrics"] = _truth_metrics(restored_labels, restored_ct, mask, truth)
+    report["timings"] = timer.to_dict()
+    return RestoreResult(ct, restored_ct, labels, mask, restored_labels, surfaces, report)
+
+
+#: A segmentation whose largest vertebra is smaller than this (mL) is taken as "no spine": an adult
+#: thoracolumbar vertebra holds 25-80 mL, and stray bone (ribs, a femur) gives scattered bits.
+MIN_VERTEBRA_ML = 5.0
+
+#: Bone fragments smaller than this (mL) are left out of the restored labels and surfaces: they are
+#: segmentation specks, not printable anatomy, and smoothing would shrink them to slivers.
+MIN_PRINTABLE_ML = 1.0
+
+
+def drop_small_components(labels: io.Volume, min_ml: float = MIN_PRINTABLE_ML) -> tuple[io.Volume, int]:
+    """Clear vertebra voxels in 26-connected components of the spine smaller than ``min_ml``.
+
+    Returns the cleaned labels and the number of components dropped.
+    """
+    from scipy import ndimage
+
+    spine = (labels.array >= 25) & (labels.array <= 50)
+    components, n = ndimage.label(spine, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return labels, 0
+    voxel_ml = float(np.prod(labels.spacing)) / 1000.0
+    sizes = ndimage.sum_labels(spine, components, index=np.arange(1, n + 1)) * voxel_ml
+    small = np.isin(components, np.nonzero(sizes < min_ml)[0] + 1)
+    if not small.any():
+        return labels, 0
+    array = labels.array.copy()
+    array[small] = 0
+    return labels.with_array(array), int((sizes < min_ml).sum())
+
+
+def _truth_metrics(restored_labels: io.Volume, restored_ct: io.Volume, mask: io.Volume, truth: dict) -> dict:
+    """Dice, HD95, volume error of the restored vertebra, and HU errors inside the lesion, against the truth."""
+    from SpineInpaintLib import metrics
+
+    level = int(truth["level"])
+    spacing = restored_labels.spacing_zyx
+    pred = restored_labels.array == level
+    gold = truth["labels"].array == level
+    volume = metrics.volume_error(pred, gold, spacing)
+    out = {
+        "level": VERTEBRA_NAMES[level],
+        "dice": float(metrics.dice(pred, gold)),
+        "hd95_mm": float(metrics.hd95(pred, gold, spacing)),
+        "volume_ml": volume.pred_ml,
+        "truth_volume_ml": volume.truth_ml,
+        "volume_error_relative": volume.relative,
+    }
+    if "ct" in truth and mask.array.any():
+        inside = mask.array > 0
+        diff = restored_ct.array[inside].astype(np.float64) - truth["ct"].array[inside].astype(np.float64)
+        out["hu_mae_in_lesion"] = float(np.abs(diff).mean())
+    return out
+
+
+def write_outputs(result: RestoreResult, out: str | os.PathLike, *, figure: bool = True) -> dict[str, Path]:
+    """Write the contract files into ``out`` (all or nothing; never over the input).
+
+    ``out`` must not exist or be empty. Returns the written paths by key of :data:`OUTPUT_FILES`.
+    """
+    from SpineInpaintLib import surface
+    from SpineInpaintLib.report import report_figure, write_report_json
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpineInpaintError(f"output folder {out} exists and is not empty; choose a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        start = time.perf_counter()
+        io.write_volume(result.restored_ct, tmp / OUTPUT_FILES["restored_ct"])
+        io.write_volume(result.spine_labels, tmp / OUTPUT_FILES["spine_seg"])
+        io.write_volume(result.lesion_mask, tmp / OUTPUT_FILES["lesion_seg"])
+        io.write_volume(result.restored_labels, tmp / OUTPUT_FILES["restored_seg"])
+        surface.write_stl(result.surfaces["Spine"], tmp / OUTPUT_FILES["restored_spine"])
+        for name, poly in result.surfaces.items():
+            if name != "Spine":
+                surface.write_stl(poly, tmp / f"restored_{name}.stl")
+        if figure:
+            report_figure(result.ct, result.restored_ct, result.lesion_mask, result.restored_labels, result.surfaces,
+                          tmp / OUTPUT_FILES["report_png"],
+                          title=f"SpineInpaint restore ({result.report['settings']['method']}), seed {result.report['seed']}")
+        result.report["timings"]["write_outputs"] = round(time.perf_counter() - start, 3)
+        result.report["outputs"] = sorted(p.name for p in tmp.iterdir()) + [OUTPUT_FILES["report_json"]]
+        write_report_json(tmp / OUTPUT_FILES["report_json"], result.report)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {key: out / name for key, name in OUTPUT_FILES.items() if (out / name).exists()}
+
+
+def evaluate_restore(case: str = "totalsegmentator", level: str = "L3", seeds=(1, 2, 3),
+                     methods=(DEFAULT_METHOD, "biharmonic")) -> list[dict]:
+    """Restore a real scan with simulated destructive lytic lesions; score against the healthy label.
+
+    The lesion mask is given (this judges segmentation + inpainting + reconstruction, not
+    detection). Issue 7's bar on ``totalsegmentator`` L3: Dice >= 0.90, HD95 <= 6 mm, volume
+    within 5 %. The scan's labels are TotalSegmentator predictions, used as the healthy truth.
+    """
+    from SpineInpaintLib import lesions
+
+    ct, labels = io.load_real_case(case)
+    rows = []
+    for seed in seeds:
+        sim = lesions.simulate_lesion(ct, labels, level, "lytic", True, size=0.7, seed=int(seed))
+        truth = {"labels": labels, "ct": ct, "level": sim.level}
+        for method in methods:
+            start = time.perf_counter()
+            result = restore(sim.ct, sim.mask, method=method, seed=int(seed), truth=truth)
+            m = result.report["truth_metrics"]
+            rows.append({"case": case, "level": m["level"], "seed": int(seed), "method": method,
+                         "lesion_ml": result.report["lesion_ml"], "dice": m["dice"], "hd95_mm": m["hd95_mm"],
+                         "volume_error_pct": 100.0 * m["volume_error_relative"],
+                         "hu_mae_in_lesion": m.get("hu_mae_in_lesion"), "seconds": time.perf_counter() - start})
+    return rows
+
+
+def run_evaluate(args) -> int:
+    """``python -m SpineInpaintLib evaluate restore``: prints a table (and writes JSON with ``--json``)."""
+    import json
+
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    rows = evaluate_restore(args.case, args.level, seeds, methods)
+    print(f"{'method':<12} {'seed':>4} {'lesion mL':>9} {'Dice':>6} {'HD95 mm':>8} {'vol err %':>9} {'HU MAE':>7} {'s':>6}")
+    for r in rows:
+        print(f"{r['method']:<12} {r['seed']:>4} {r['lesion_ml']:9.1f} {r['dice']:6.3f} {r['hd95_mm']:8.2f} "
+              f"{r['volume_error_pct']:+9.1f} {r['hu_mae_in_lesion'] or float('nan'):7.0f} {r['seconds']:6.1f}")
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method]
+        print(f"{method:<12} mean: Dice {np.mean([r['dice'] for r in sel]):.3f}, HD95 "
+              f"{np.mean([r['hd95_mm'] for r in sel]):.2f} mm, |volume error| "
+              f"{np.mean([abs(r['volume_error_pct']) for r in sel]):.1f} % (bar: Dice >= 0.90, HD95 <= 6 mm, 5 %)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=2))
+    return 0

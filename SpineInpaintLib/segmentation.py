@@ -1,0 +1,595 @@
+"""Vertebra segmentation: MONAI 2D U-Net and V-Net on axial slices, whole-volume inference, per-vertebra labels.
+
+Miao et al. (sections II.B, III.A) segment the spine on 512x512 axial slices with a 2D U-Net and a 2D
+V-Net (Keras) and report the IoU of the binary spine mask. Here both networks come from MONAI with
+``spatial_dims=2``:
+
+- U-Net: :class:`monai.networks.nets.UNet`, channels (16, 32, 64, 128, 256), stride-2 convolutions,
+  two residual units per level.
+- V-Net: :class:`monai.networks.nets.VNet` configured as the paper describes: five resolution
+  stages (16, 32, 64, 128, 256 channels) joined by 2x2 stride-2 down-convolutions (no pooling),
+  3x3 padded convolutions (MONAI's VNet hard-codes the original V-Net's 5x5 kernels, so they are
+  swapped for 3x3 ones after construction), a 16-channel last feature map and a 1x1 output convolution.
+
+Beyond the paper the networks see 2.5D input (the slice and its neighbours 2.5 mm above and below)
+on a fixed 1.5 mm in-plane grid, and predict, besides background, the vertebra level of each pixel
+(T10 ... S1 and the sacrum, TotalSegmentator v2 ids, plus one class for vertebrae above T10). The
+binary spine mask is ``1 - p(background)``; per-vertebra labels come from a 3D split of that mask
+into vertebrae (a watershed seeded by the vertebral-body cores) numbered by the level votes of the
+network along the column, so that each vertebra gets one consistent id.
+
+Whole-volume inference (:func:`segment_volume`) takes a CT of any orientation and spacing,
+re-orients it to LPS, resamples it to the network grid, segments the slices in batches, removes
+stray components and returns the masks on the input grid with its geometry. Input that does not
+look like CT (all one value, no air near -1000 HU, MR-like ranges) gives a :class:`UserWarning` and an
+empty, flagged result instead of a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from SpineInpaintLib import SpineInpaintError, io
+
+__all__ = [
+    "NETWORKS",
+    "GRID_MM",
+    "NEIGHBOUR_MM",
+    "WINDOWS",
+    "CLASS_IDS",
+    "N_CLASSES",
+    "IN_CHANNELS",
+    "RESOURCES",
+    "build_network",
+    "count_parameters",
+    "ids_to_classes",
+    "to_network_grid",
+    "channel_stack",
+    "check_ct",
+    "clean_mask",
+    "split_vertebrae",
+    "SegmentationResult",
+    "load_model",
+    "default_weights",
+    "predict_grid",
+    "segment_volume",
+    "export_vertebra",
+    "segmentation_loss",
+    "train_transforms",
+]
+
+#: The two networks of the paper.
+NETWORKS = ("unet", "vnet")
+#: In-plane pixel size (mm) of the network grid (the paper: 512x512 native, about 0.7-0.9 mm).
+GRID_MM = 1.5
+#: Distance (mm) of the two neighbour slices of the 2.5D input above and below the slice.
+NEIGHBOUR_MM = 2.5
+#: HU windows mapped to [0, 1]: a wide one for the three slices, a bone window on the centre slice.
+WINDOWS = ((-200.0, 1300.0), (100.0, 1100.0))
+#: Input channels: slice below, slice, slice above (wide window), slice (bone window).
+IN_CHANNELS = 4
+#: Class index -> TotalSegmentator v2 id: 0 background, 1 any vertebra above T10 (35-50),
+#: 2 ... 11 the sacrum (25), S1 (26), L5 (27) ... T10 (34).
+CLASS_IDS: tuple[int, ...] = (0, 35) + tuple(range(25, 35))
+N_CLASSES = len(CLASS_IDS)
+#: Shipped weights.
+RESOURCES = Path(__file__).resolve().parents[1] / "Resources" / "segmentation"
+#: Levels caudal to cranial as the numbering walks them: the sacrum and S1 (fused) first, then L5 ... C1.
+_CHAIN: tuple[int, ...] = (26,) + tuple(range(27, 51))
+
+
+# --- networks --------------------------------------------------------------------------------------
+def _vnet_paper(in_channels: int, out_channels: int):
+    """MONAI's 2D VNet with the paper's 3x3 padded convolutions and 16-channel last feature map."""
+    import torch.nn as nn
+    from monai.networks.nets import VNet
+    from monai.networks.nets.vnet import OutputTransition
+
+    act = ("elu", {"inplace": True})
+    model = VNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, act=act,
+                 dropout_prob_down=None, dropout_prob_up=(None, 0.0), dropout_dim=2)
+    # Last block: 3x3 conv 32 -> 16 channels (the paper's 512x512x16 map), then a 1x1 conv to the classes.
+    model.out_tr = OutputTransition(2, 32, 16, act)
+    model.out_tr.conv2 = nn.Conv2d(16, out_channels, kernel_size=1)
+    # MONAI hard-codes the original V-Net's 5x5 kernels; the paper uses 3x3 with padding.
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d) and child.kernel_size == (5, 5):
+                setattr(module, name, nn.Conv2d(child.in_channels, child.out_channels, 3, padding=1,
+                                                bias=child.bias is not None))
+    return model
+
+
+def build_network(name: str, in_channels: int = IN_CHANNELS, out_channels: int = N_CLASSES):
+    """A fresh (untrained) 2D segmentation network: ``'unet'`` or ``'vnet'``.
+
+    Both output ``out_channels`` logits per pixel; input sizes must be multiples of 16.
+    """
+    name = str(name).lower()
+    if name == "unet":
+        from monai.networks.nets import UNet
+
+        return UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
+                    channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    if name == "vnet":
+        if 16 % in_channels:
+            raise SpineInpaintError(f"MONAI's VNet needs in_channels dividing 16, got {in_channels}")
+        return _vnet_paper(in_channels, out_channels)
+    raise SpineInpaintError(f"unknown segmentation network '{name}' (use {' or '.join(NETWORKS)})")
+
+
+def count_parameters(model) -> int:
+    """Number of trainable parameters."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+# --- data on the network grid -------------------------------------------------------------------------
+def ids_to_classes(labels: np.ndarray) -> np.ndarray:
+    """TotalSegmentator ids -> class indices of :data:`CLASS_IDS` (non-vertebra tissue -> 0)."""
+    lut = np.zeros(256, np.uint8)
+    for index, label in enumerate(CLASS_IDS):
+        if index >= 2:
+            lut[label] = index
+    lut[35:51] = 1
+    return lut[np.asarray(labels).astype(np.uint8)]
+
+
+def to_network_grid(volume: io.Volume, *, labels: bool = False) -> io.Volume:
+    """``volume`` re-oriented to LPS and resampled to :data:`GRID_MM` in-plane (slice spacing kept).
+
+    The grid keeps the physical extent of the input (same origin corner and direction after the
+    re-orientation), so :func:`SpineInpaintLib.io.resample_like` brings results back exactly.
+    """
+    lps = io.reorient(volume, "LPS")
+    spacing = (GRID_MM, GRID_MM, lps.spacing[2])
+    default = 0.0 if labels else -1024.0
+    if not labels and lps.array.dtype not in (np.float32, np.float64):
+        lps = lps.with_array(lps.array.astype(np.float32))
+    return io.resample_to_spacing(lps, spacing, labels=labels, default=default)
+
+
+def _window(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def channel_stack(hu: np.ndarray, z_spacing: float, indices: Sequence[int] | None = None) -> np.ndarray:
+    """2.5D network input of slices ``indices`` of a (z, y, x) HU volume on the network grid.
+
+    Returns float32 (n, 4, y, x): the slices :data:`NEIGHBOUR_MM` below and above (linear
+    interpolation between slices, clamped at the ends) and the slice itself in the wide window, and
+    the slice in the bone window (:data:`WINDOWS`).
+    """
+    n = hu.shape[0]
+    indices = range(n) if indices is None else indices
+    offset = NEIGHBOUR_MM / float(z_spacing)
+    out = np.empty((len(indices), IN_CHANNELS) + hu.shape[1:], np.float32)
+
+    def at(position: float) -> np.ndarray:
+        position = min(max(position, 0.0), n - 1.0)
+        k = int(np.floor(position))
+        t = position - k
+        if t < 1e-6 or k + 1 >= n:
+            return hu[k].astype(np.float32)
+        return (1.0 - t) * hu[k].astype(np.float32) + t * hu[k + 1].astype(np.float32)
+
+    for i, z in enumerate(indices):
+        centre = hu[z]
+        out[i, 0] = _window(at(z - offset), WINDOWS[0])
+        out[i, 1] = _window(centre, WINDOWS[0])
+        out[i, 2] = _window(at(z + offset), WINDOWS[0])
+        out[i, 3] = _window(centre, WINDOWS[1])
+    return out
+
+
+# --- input checks -----------------------------------------------------------------------------------
+def check_ct(ct: io.Volume) -> list[str]:
+    """Reasons why ``ct`` does not look like a CT in Hounsfield units (empty list: looks fine).
+
+    CT of a body has air outside it (about -1000 HU) and bone above about 300 HU. A constant image,
+    one with no voxel below -500 HU (MR, PET, an already-windowed image) or one with no voxel above
+    150 HU is flagged.
+    """
+    array = np.asarray(ct.array)
+    reasons = []
+    if array.size == 0:
+        return ["the volume is empty"]
+    if not np.issubdtype(array.dtype, np.number):
+        return [f"the volume holds {array.dtype} values, not numbers"]
+    finite = np.isfinite(array)
+    if not finite.all():
+        reasons.append(f"{np.count_nonzero(~finite)} voxels are NaN or infinite")
+        array = np.where(finite, array, 0)
+    lo, hi = float(array.min()), float(array.max())
+    if hi - lo < 1e-6:
+        reasons.append(f"the volume is constant ({lo:g}): not a CT")
+        return reasons
+    sample = array.ravel()[:: max(1, array.size // 2_000_000)]
+    p_lo, p_hi = np.percentile(sample, [1.0, 99.9])
+    if p_lo > -500.0:
+        reasons.append(f"no air: the 1st percentile is {p_lo:.0f} (CT in HU has air near -1000); "
+                       "MR or a rescaled image?")
+    if p_hi < 150.0:
+        reasons.append(f"no bone: the 99.9th percentile is {p_hi:.0f} HU")
+    return reasons
+
+
+# --- post-processing -----------------------------------------------------------------------------------
+def clean_mask(mask: np.ndarray, spacing_zyx: Sequence[float], *, min_ml: float = 0.5, max_gap_mm: float = 12.0,
+               keep_fraction: float = 0.2) -> np.ndarray:
+    """Remove stray components of a 3D spine mask.
+
+    Starting from the largest connected component, keeps every component of at least ``min_ml``
+    millilitres whose bounding box comes within ``max_gap_mm`` of a kept one (transitively, so a
+    column of vertebrae separated by discs stays whole), and any component at least
+    ``keep_fraction`` of the largest (a spine segment beyond a wider gap). Specks in ribs, pelvis,
+    bowel contrast or the table go.
+    """
+    mask = np.asarray(mask) > 0
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    spacing = np.asarray(spacing_zyx, float)
+    sizes = np.bincount(labels.ravel())[1:] * float(np.prod(spacing)) / 1000.0
+    boxes = ndimage.find_objects(labels)
+    lo = np.array([[sl.start for sl in box] for box in boxes], float) * spacing
+    hi = np.array([[sl.stop - 1 for sl in box] for box in boxes], float) * spacing
+    largest = int(np.argmax(sizes))
+    keep = np.zeros(n, bool)
+    keep[largest] = True
+    keep |= sizes >= keep_fraction * sizes[largest]
+    candidates = sizes >= min_ml
+    changed = True
+    while changed:
+        changed = False
+        for k in np.nonzero(candidates & ~keep)[0]:
+            # Per-axis gap between box k and every kept box (0 where they overlap).
+            gap = np.maximum(0.0, np.maximum(lo[keep] - hi[k], lo[k] - hi[keep]))
+            if (np.sqrt((gap ** 2).sum(axis=1)) <= max_gap_mm).any():
+                keep[k] = changed = True
+    return np.concatenate([[False], keep])[labels]
+
+
+def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Sequence[float], *,
+                    core_mm: float = 5.0, min_core_ml: float = 0.8, max_lateral_mm: float = 35.0) -> np.ndarray:
+    """Split a 3D spine mask (LPS grid, slices inferior to superior) into numbered vertebrae.
+
+    The vertebral bodies are the thick parts of the mask: the connected components of the voxels
+    deeper than ``core_mm`` inside it, separated by the discs, seed a watershed of the distance map
+    that hands every mask voxel connected to them to one vertebra (cores more than ``max_lateral_mm``
+    from the column's mid-line, e.g. an iliac wing taken for spine, seed nothing). The vertebrae, ordered along the slices, get
+    consecutive TotalSegmentator ids (sacrum with S1, L5, L4, ...), the offset of the sequence chosen
+    to agree best with the network's per-voxel level scores; inside the sacrum-and-S1 segment each
+    voxel takes the better of the two ids.
+
+    Parameters
+    ----------
+    mask
+        Binary (z, y, x) mask.
+    level_scores
+        float (N_CLASSES, z, y, x) per-voxel class probabilities (:data:`CLASS_IDS`).
+    spacing_zyx
+        Voxel size (mm).
+
+    Returns
+    -------
+    uint8 (z, y, x) label map with TotalSegmentator v2 ids (0 outside the mask).
+    """
+    from skimage.segmentation import watershed
+
+    mask = np.asarray(mask) > 0
+    out = np.zeros(mask.shape, np.uint8)
+    if not mask.any():
+        return out
+    scores = np.asarray(level_scores)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    dist = ndimage.distance_transform_edt(mask, sampling=spacing_zyx)
+    cores, n = ndimage.label(dist > core_mm)
+    if n:
+        sizes = np.bincount(cores.ravel())[1:] * voxel_ml
+        big = sizes >= max(min_core_ml, 0.2 * float(np.median(sizes[sizes >= min_core_ml])) if (sizes >= min_core_ml).any() else min_core_ml)
+        # The column runs near the mid-sagittal plane: a thick core far to the side (iliac wing,
+        # femoral head, a false positive) is no vertebral body, whatever its size.
+        x_mm = ndimage.mean(np.broadcast_to(np.arange(mask.shape[2]) * spacing_zyx[2], mask.shape), cores,
+                            np.arange(1, n + 1))
+        if big.any():
+            order_x = np.argsort(x_mm[big])
+            weights = np.cumsum(sizes[big][order_x])
+            x_mid = x_mm[big][order_x][np.searchsorted(weights, weights[-1] / 2.0)]
+            big &= np.abs(x_mm - x_mid) <= max_lateral_mm
+        lut = np.zeros(n + 1, np.int32)
+        lut[1:][big] = np.arange(1, int(big.sum()) + 1)
+        cores, n = lut[cores], int(big.sum())
+    if n == 0:
+        # No vertebral body thick enough (a thin or partial scan): per-voxel network levels.
+        classes = np.argmax(scores[1:], axis=0) + 1
+        return np.where(mask, np.asarray(CLASS_IDS, np.uint8)[classes], 0).astype(np.uint8)
+    segments = watershed(-dist, cores, mask=mask)
+    # Order along the column by the centroid of each core (slices run inferior to superior).
+    z_centre = ndimage.mean(np.arange(mask.shape[0])[:, None, None] * np.ones_like(cores), cores, np.arange(1, n + 1))
+    order = np.argsort(z_centre)
+    # Votes: summed probability of each chain position per segment.
+    chain_votes = np.zeros((n, len(_CHAIN)))
+    flat_segments = segments[mask]
+    for c, label in enumerate(CLASS_IDS):
+        if c == 0:
+            continue
+        per_segment = np.bincount(flat_segments, weights=scores[c][mask], minlength=n + 1)[1:]
+        if label == 25 or label == 26:
+            chain_votes[:, 0] += per_segment
+        elif label == 35:
+            chain_votes[:, _CHAIN.index(35):] += per_segment[:, None] / (len(_CHAIN) - _CHAIN.index(35))
+        else:
+            chain_votes[:, _CHAIN.index(label)] += per_segment
+    best, best_offset = -np.inf, 0
+    for offset in range(0, len(_CHAIN) - n + 1):
+        total = sum(chain_votes[order[k], offset + k] for k in range(n))
+        if total > best:
+            best, best_offset = total, offset
+    lut = np.zeros(n + 1, np.uint8)
+    for k in range(n):
+        lut[order[k] + 1] = _CHAIN[best_offset + k] if best_offset + k < len(_CHAIN) else 0
+    out = lut[segments]
+    # The sacrum (S2-S5) and S1 are fused: split that segment voxel by voxel.
+    s1 = out == 26
+    if s1.any():
+        sacrum = scores[CLASS_IDS.index(25)] > scores[CLASS_IDS.index(26)]
+        out[s1 & sacrum] = 25
+    return out.astype(np.uint8)
+
+
+# --- training pieces (MONAI transforms and loss) -------------------------------------------------
+def train_transforms(seed: int = 0):
+    """MONAI augmentation of a 2.5D crop: dict ``{'image': (4, H, W), 'label': (1, H, W)}``.
+
+    Affine jitter (rotation +-10 deg, scale +-10 %, shear), left-right flips (the level of a
+    vertebra does not depend on the side), intensity scale and shift (other scanners' calibration and
+    kernels), Gaussian noise and blur.
+    """
+    from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised, RandGaussianSmoothd,
+                                  RandScaleIntensityd, RandShiftIntensityd)
+
+    keys = ("image", "label")
+    transform = Compose([
+        RandAffined(keys, prob=0.7, rotate_range=np.deg2rad(10.0), scale_range=0.1, shear_range=0.05,
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandScaleIntensityd("image", factors=0.1, prob=0.3),
+        RandShiftIntensityd("image", offsets=0.04, prob=0.3),
+        RandGaussianSmoothd("image", sigma_x=(0.25, 0.8), sigma_y=(0.25, 0.8), prob=0.2),
+        RandGaussianNoised("image", std=0.015, prob=0.3),
+    ])
+    transform.set_random_state(seed=int(seed) % 2**32)
+    return transform
+
+
+def segmentation_loss():
+    """Dice + cross-entropy over the classes (MONAI ``DiceCELoss``) plus a Dice of the binary spine mask.
+
+    The returned function takes logits (B, C, H, W) and class indices (B, H, W). The binary term
+    (``1 - p(background)`` against any vertebra) weighs the spine mask, the paper's output, beside
+    the harder per-level classes.
+    """
+    import torch
+    from monai.losses import DiceCELoss, DiceLoss
+
+    # Smoothing 1 (not MONAI's 1e-5): a level absent from a batch and predicted absent scores ~0,
+    # instead of a penalty that depends on how many 1e-9 probabilities add up.
+    multi = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                       smooth_nr=1.0, smooth_dr=1.0)
+    binary = DiceLoss(sigmoid=False, batch=True, smooth_nr=1.0, smooth_dr=1.0)
+
+    def loss(logits: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
+        target = target.long().unsqueeze(1)
+        spine_prob = 1.0 - torch.softmax(logits, dim=1)[:, :1]
+        return multi(logits, target) + binary(spine_prob, (target > 0).float())
+
+    return loss
+
+
+# --- models --------------------------------------------------------------------------------------
+def default_weights(net: str = "unet") -> Path:
+    """Path of the shipped weights of ``net`` (``Resources/segmentation/<net>.safetensors``)."""
+    if str(net).lower() not in NETWORKS:
+        raise SpineInpaintError(f"unknown segmentation network '{net}' (use {' or '.join(NETWORKS)})")
+    return RESOURCES / f"{str(net).lower()}.safetensors"
+
+
+def load_model(net: str = "unet", weights: str | Path | None = None, device: str = "cpu"):
+    """A network in eval mode with its safetensors weights (default: the shipped ones) and their metadata.
+
+    Returns
+    -------
+    (model, metadata)
+    """
+    import torch
+
+    from SpineInpaintLib.training import load_weights, read_weights_metadata
+
+    path = Path(weights) if weights else default_weights(net)
+    if not path.exists():
+        raise SpineInpaintError(f"segmentation weights not found: {path} (train them with "
+                                f"'python -m SpineInpaintLib train segmentation --net {net}')")
+    meta = read_weights_metadata(path)
+    arch = meta.get("architecture", {})
+    name = arch.get("net", net)
+    model = build_network(name, arch.get("in_channels", IN_CHANNELS), arch.get("out_channels", N_CLASSES))
+    load_weights(model, path)
+    model.eval()
+    return model.to(torch.device(device)), meta
+
+
+def predict_grid(model, hu: np.ndarray, z_spacing: float, *, batch_size: int = 8, device: str = "cpu",
+                 progress: bool = False) -> np.ndarray:
+    """Class probabilities (C, z, y, x), float16, of every slice of a HU volume on the network grid."""
+    import torch
+
+    n, rows, cols = hu.shape
+    pad_r, pad_c = (-rows) % 16, (-cols) % 16
+    out = np.empty((N_CLASSES, n, rows, cols), np.float16)
+    batches = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="segmentation", unit="batch")
+    dev = torch.device(device)
+    with torch.inference_mode():
+        for start in batches:
+            indices = list(range(start, min(n, start + batch_size)))
+            x = channel_stack(hu, z_spacing, indices)
+            x = np.pad(x, ((0, 0), (0, 0), (0, pad_r), (0, pad_c)))
+            logits = model(torch.from_numpy(x).to(dev))
+            probs = torch.softmax(logits.float(), dim=1)[:, :, :rows, :cols].cpu().numpy()
+            out[:, indices[0]:indices[-1] + 1] = probs.transpose(1, 0, 2, 3)
+    return out
+
+
+@dataclasses.dataclass
+class SegmentationResult:
+    """Output of :func:`segment_volume`, on the input grid with the input's geometry.
+
+    Attributes
+    ----------
+    spine
+        uint8 binary spine mask.
+    labels
+        uint8 per-vertebra labels (TotalSegmentator v2 ids; 0 elsewhere).
+    flags
+        Problems found: ``'not_ct'`` (input does not look like CT; masks empty), ``'no_spine'``.
+    messages
+        Human-readable reasons behind the flags.
+    timings
+        Seconds per step.
+    net
+        Network that produced the masks.
+    """
+
+    spine: io.Volume
+    labels: io.Volume
+    flags: list[str]
+    messages: list[str]
+    timings: dict
+    net: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.flags
+
+    def levels(self) -> list[int]:
+        """Vertebra ids present, caudal to cranial."""
+        return [int(v) for v in np.unique(self.labels.array) if v]
+
+
+def _empty_result(ct: io.Volume, flags: list[str], messages: list[str], timings: dict, net: str) -> SegmentationResult:
+    zeros = ct.with_array(np.zeros(ct.shape, np.uint8))
+    return SegmentationResult(zeros, zeros.copy(), flags, messages, timings, net)
+
+
+def _fill_unlabelled(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Give mask voxels without a label the label of the nearest labelled voxel (within the mask's box)."""
+    missing = mask & (labels == 0)
+    if not missing.any() or not labels.any():
+        return labels
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    sub = labels[box]
+    _, nearest = ndimage.distance_transform_edt(sub == 0, return_indices=True)
+    filled = sub[tuple(nearest)]
+    sub[missing[box]] = filled[missing[box]]
+    labels[box] = sub
+    return labels
+
+
+def segment_volume(ct: io.Volume, net: str = "unet", *, model=None, weights: str | Path | None = None,
+                   device: str = "cpu", batch_size: int = 8, per_vertebra: bool = True, clean: bool = True,
+                   progress: bool = False) -> SegmentationResult:
+    """Segment the spine of a whole CT volume (any orientation and spacing).
+
+    The CT is re-oriented to LPS and resampled to the network grid (:data:`GRID_MM` in-plane, its own
+    slice spacing), segmented slice by slice in batches, cleaned of stray components
+    (:func:`clean_mask`), split into vertebrae (:func:`split_vertebrae`), and brought back to the
+    input grid: the spine probability by linear interpolation then a 0.5 threshold, the levels by
+    nearest neighbour inside that mask.
+
+    Input that does not look like CT (:func:`check_ct`) gives a :class:`UserWarning` and an empty
+    result flagged ``'not_ct'``; no spine found gives a warning and the flag ``'no_spine'``.
+
+    Parameters
+    ----------
+    ct
+        CT in HU.
+    net
+        ``'unet'`` (default, the faster) or ``'vnet'``; ignored when ``model`` is given.
+    model, weights
+        A loaded network, or a weights file (default: the shipped weights of ``net``).
+    per_vertebra
+        Also number the vertebrae (else ``labels`` holds 1 on the spine).
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if not isinstance(ct, io.Volume):
+        raise SpineInpaintError(f"segment_volume needs an io.Volume, got {type(ct).__name__}")
+    reasons = check_ct(ct)
+    if reasons:
+        message = "input does not look like CT in HU: " + "; ".join(reasons) + " -- returning an empty mask"
+        warnings.warn(message, UserWarning, stacklevel=2)
+        return _empty_result(ct, ["not_ct"], [message], {"total": time.perf_counter() - start}, net)
+    if model is None:
+        model, _ = load_model(net, weights, device)
+    grid = to_network_grid(ct)
+    timings["resample_in"] = time.perf_counter() - start
+    t = time.perf_counter()
+    probs = predict_grid(model, grid.array, grid.spacing[2], batch_size=batch_size, device=device, progress=progress)
+    timings["network"] = time.perf_counter() - t
+    t = time.perf_counter()
+    spine_prob = 1.0 - probs[0].astype(np.float32)
+    mask = spine_prob > 0.5
+    spacing_zyx = grid.spacing_zyx
+    if clean and mask.any():
+        kept = clean_mask(mask, spacing_zyx)
+        # Drop the removed components from the probabilities too, so that interpolation cannot revive them.
+        removed = ndimage.binary_dilation(mask & ~kept, iterations=1) & ~ndimage.binary_dilation(kept, iterations=1)
+        spine_prob[removed] = 0.0
+        mask = kept
+    grid_labels = np.zeros(mask.shape, np.uint8)
+    if per_vertebra and mask.any():
+        grid_labels = split_vertebrae(mask, probs, spacing_zyx)
+    else:
+        grid_labels[mask] = 1
+    timings["postprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prob_back = io.resample_like(grid.with_array(spine_prob.astype(np.float32)), ct)
+    spine = (prob_back.array > 0.5)
+    labels_back = io.resample_like(grid.with_array(grid_labels), ct, labels=True).array.astype(np.uint8)
+    labels_back[~spine] = 0
+    labels_back = _fill_unlabelled(labels_back, spine)
+    timings["resample_out"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+    flags, messages = [], []
+    if not spine.any():
+        message = "no spine found in the volume (is it a spine CT?)"
+        warnings.warn(message, UserWarning, stacklevel=2)
+        flags, messages = ["no_spine"], [message]
+    return SegmentationResult(ct.with_array(spine.astype(np.uint8)), ct.with_array(labels_back), flags, messages,
+                              timings, str(getattr(model, "_spine_net", net)))
+
+
+def export_vertebra(labels: io.Volume, level: int | str) -> io.Volume:
+    """Binary mask (uint8, same grid) of one vertebra of a label map, e.g. ``'L3'`` or ``29``."""
+    from SpineInpaintLib.labels import vertebra_id, vertebra_name
+
+    try:
+        label = vertebra_id(level)
+    except ValueError as err:
+        raise SpineInpaintError(str(err)) from None
+    mask = labels.array == label
+    if not mask.any():
+        present = ", ".join(vertebra_name(v) for v in np.unique(labels.array) if 25 <= v <= 50) or "none"
+        raise SpineInpaintError(f"vertebra {vertebra_name(label)} is not in the label map (present: {present})")
+    return labels.with_array(mask.astype(np.uint8))

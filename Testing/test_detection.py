@@ -1,0 +1,281 @@
+"""Lesion detection: crop geometry, both detectors, training steps, 3D linking and the lesion mask."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from SpineInpaintLib import SpineInpaintError, cli, datasets, io, training
+from SpineInpaintLib import det_train as dt
+from SpineInpaintLib import detection as det
+
+
+# --- crop geometry ----------------------------------------------------------------------------------
+def test_neighbour_offset_rounds_two_millimetres_to_slices():
+    assert det.neighbour_offset(1.0) == 2
+    assert det.neighbour_offset(0.5) == 4
+    assert det.neighbour_offset(3.0) == 1  # at least one slice away
+    with pytest.raises(SpineInpaintError, match="slice spacing must be positive"):
+        det.neighbour_offset(0.0)
+
+
+def test_slice_stack_repeats_the_edge_slices():
+    volume = np.arange(5)[:, None, None] * np.ones((5, 2, 2))
+    assert det.slice_stack(volume, 0, 2)[:, 0, 0].tolist() == [0, 0, 2]
+    assert det.slice_stack(volume, 4, 1)[:, 0, 0].tolist() == [3, 4, 4]
+    with pytest.raises(SpineInpaintError, match="outside the volume"):
+        det.slice_stack(volume, 5, 1)
+
+
+def test_crop_puts_a_square_where_the_box_mapping_says():
+    # Source: 0.5 mm pixels, a 20x10 mm bright rectangle; crop of 64 at 1 mm centred at (100, 120).
+    image = np.zeros((300, 300), np.float32)
+    image[90:110, 140:180] = 1000.0  # rows 90-110 (10 mm), cols 140-180 (20 mm)
+    centre = (99.5, 119.5)
+    crop = det.crop_slices(image[None], centre, (0.5, 0.5), size=64, cval=0.0)[0]
+    source_box = np.array([[140, 90, 180, 110]], float)
+    crop_box = det.source_to_crop(source_box, centre, (0.5, 0.5), size=64)
+    # Hand computed: the crop centre (edge coordinate 32) is source edge coordinate 120 (x) / 100 (y);
+    # 1 crop pixel = 2 source pixels.
+    np.testing.assert_allclose(crop_box, [[42, 27, 62, 37]])
+    rows, cols = np.nonzero(crop > 500)
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (42, 27, 62, 37)
+    np.testing.assert_allclose(det.crop_to_source(crop_box, centre, (0.5, 0.5), size=64), source_box)
+
+
+def test_crop_rotation_matrix_rotates_about_the_centre():
+    image = np.zeros((41, 41), np.float32)
+    image[20, 30] = 1.0  # 10 px right of the centre
+    quarter = np.array([[0.0, -1.0], [1.0, 0.0]])  # (row, col) offsets: col offset c samples row -c
+    crop = det.crop_slices(image[None], (20, 20), (1, 1), size=41, matrix=quarter, cval=0.0)[0]
+    assert np.unravel_index(np.argmax(crop), crop.shape) == (30, 20)
+
+
+def test_normalise_maps_the_window_to_unit_range():
+    np.testing.assert_allclose(det.normalise(np.array([-1000, -200, 550, 1300, 3000])), [0, 0, 0.5, 1, 1])
+
+
+# --- detectors ------------------------------------------------------------------------------------------
+def test_unknown_architecture_is_a_user_error():
+    with pytest.raises(SpineInpaintError, match="unknown detector 'yolo'"):
+        det.Detector("yolo")
+
+
+def test_retinanet_box_order_is_converted_to_x_then_y():
+    boxes = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert det.Detector._swap(boxes).tolist() == [[2.0, 1.0, 4.0, 3.0]]
+
+
+@pytest.fixture(scope="module")
+def tiny_samples():
+    """A few slices of a lesion simulated on the real scan (3 mm), cached crops."""
+    case = datasets.real_case(seed=5, lesion_types=["lytic"])
+    return dt.samples_from_case(case, rng=np.random.default_rng(0), min_negatives=2, max_negatives=2)
+
+
+def test_samples_hold_the_simulated_lesion_box(tiny_samples):
+    pos = [i for i, m in enumerate(tiny_samples.meta) if m["lesion_type"] != "none"]
+    neg = [i for i, m in enumerate(tiny_samples.meta) if m["lesion_type"] == "none"]
+    assert pos and len(neg) == 2
+    boxes = tiny_samples.centre_boxes()
+    assert all(len(boxes[i]) == 1 for i in pos) and all(len(boxes[i]) == 0 for i in neg)
+    # The 3 mm lesion box, resampled to 1 mm: at least MIN_BOX_MM on each side and inside the crop.
+    for i in pos:
+        w, h = boxes[i][0, 2] - boxes[i][0, 0], boxes[i][0, 3] - boxes[i][0, 1]
+        assert min(w, h) >= dt.MIN_BOX_MM - 3 and boxes[i].min() >= 0 and boxes[i].max() <= det.CROP_SIZE
+    assert tiny_samples.images.dtype == np.int16
+    assert tiny_samples.images.shape[1:] == (3, dt.CACHE_SIZE, dt.CACHE_SIZE)
+
+
+def test_augment_without_randomness_returns_the_centre_crop(tiny_samples):
+    i = next(i for i, m in enumerate(tiny_samples.meta) if m["lesion_type"] != "none")
+    rng = np.random.default_rng(0)
+    image, boxes = dt.augment(tiny_samples.images[i], tiny_samples.masks[i], rng, max_rotation_deg=0,
+                              scale=(1, 1), max_shift_mm=0, flip_probability=0, noise_probability=0)
+    np.testing.assert_allclose(image, tiny_samples.centre_crops()[i], atol=1e-5)
+    np.testing.assert_array_equal(boxes, tiny_samples.centre_boxes()[i])
+    flipped, fboxes = dt.augment(tiny_samples.images[i], tiny_samples.masks[i], rng, max_rotation_deg=0,
+                                 scale=(1, 1), max_shift_mm=0, flip_probability=1, noise_probability=0)
+    x1, y1, x2, y2 = boxes[0]
+    np.testing.assert_array_equal(fboxes[0], [det.CROP_SIZE - x2, y1, det.CROP_SIZE - x1, y2])
+    np.testing.assert_allclose(flipped[:, :, ::-1], image, atol=1e-5)
+
+
+def test_faster_rcnn_is_configured_as_the_paper():
+    model = det.build_faster_rcnn()
+    # 3 scales x 3 ratios on the single conv5_3 map (stride 16, 512 channels), RoI max pooling 7x7.
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [9]
+    assert isinstance(model.roi_heads.box_roi_pool, det.RoIPoolOnMap)
+    features = model.backbone(torch.zeros(1, 3, det.CROP_SIZE, det.CROP_SIZE))
+    assert features.shape == (1, 512, det.CROP_SIZE // 16, det.CROP_SIZE // 16)
+    rois = [torch.tensor([[0.0, 0.0, 64.0, 64.0]])]
+    assert model.roi_heads.box_roi_pool({"0": features}, rois, [(128, 128)]).shape == (1, 512, 7, 7)
+
+
+@pytest.mark.parametrize("arch", ["retinanet", pytest.param("faster_rcnn", marks=pytest.mark.slow)])
+def test_a_few_training_steps_change_the_weights_and_predict_valid_boxes(arch, tiny_samples):
+    training.seed_everything(0)
+    detector = det.Detector(arch)
+    before = [p.detach().clone() for p in detector.model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(detector.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        images, boxes = zip(*(dt.augment(tiny_samples.images[i], tiny_samples.masks[i], rng)
+                              for i in (0, 1, -1)))
+        losses = detector.loss(np.stack(images), list(boxes))
+        loss = sum(losses.values())
+        assert torch.isfinite(loss)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after = [p for p in detector.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    (boxes, scores), = detector.predict(tiny_samples.centre_crops()[:1])
+    assert boxes.shape == (scores.shape[0], 4) and np.all(boxes[:, 2:] >= boxes[:, :2])
+    assert np.all((scores >= 0) & (scores <= 1))
+
+
+def test_weights_round_trip_through_safetensors(tmp_path, tiny_samples):
+    training.seed_everything(1)
+    detector = det.Detector("retinanet")
+    path = training.save_weights(detector.model, tmp_path / "retinanet.safetensors", {"arch": "retinanet"})
+    loaded = det.load_detector(path)
+    assert loaded.arch == "retinanet" and loaded.metadata["sha256"] == training.sha256_of(path)
+    images = tiny_samples.centre_crops()[:2]
+    for (b1, s1), (b2, s2) in zip(detector.predict(images), loaded.predict(images)):
+        np.testing.assert_allclose(s1, s2)
+        np.testing.assert_allclose(b1, b2)
+    with pytest.raises(SpineInpaintError, match="detector weights not found"):
+        det.load_detector(tmp_path / "missing.safetensors")
+
+
+# --- metrics wrapper ------------------------------------------------------------------------------------
+def test_score_detections_on_hand_made_boxes():
+    truth = [np.array([[0, 0, 10, 10]], float), np.zeros((0, 4))]
+    boxes = [np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float), np.array([[5, 5, 9, 9]], float)]
+    scores = [np.array([0.9, 0.3]), np.array([0.5])]
+    out = dt.score_detections(boxes, scores, truth)
+    assert out["ap50"] == pytest.approx(1.0) and out["ap50_95"] == pytest.approx(1.0)
+    # The lesion is the top detection: found with 0 false positives.
+    assert out["froc@0.5"] == 1.0 and out["images"] == 2 and out["lesion_boxes"] == 1
+
+
+# --- volume level ----------------------------------------------------------------------------------------
+class _ScriptedDetector(det.Detector):
+    """A detector whose per-crop output is given: exercises the volume-level code without a network."""
+
+    def __init__(self, outputs):
+        self.arch, self.outputs, self.calls = "retinanet", outputs, 0
+
+    def predict(self, images):
+        out = []
+        for _ in images:
+            out.append(self.outputs(self.calls))
+            self.calls += 1
+        return out
+
+
+def test_link_detections_follows_overlapping_boxes_and_drops_single_slices():
+    per_slice = {
+        3: (np.array([[10, 10, 20, 20]], float), np.array([0.9])),
+        4: (np.array([[11, 11, 21, 21], [60, 60, 70, 70]], float), np.array([0.8, 0.7])),
+        6: (np.array([[12, 12, 22, 22]], float), np.array([0.6])),  # one-slice gap is bridged
+        9: (np.array([[12, 12, 22, 22]], float), np.array([0.6])),  # too far: new track, dropped
+    }
+    tracks = det.link_detections(per_slice, link_iou=0.3, max_gap=1, min_slices=2)
+    assert len(tracks) == 1
+    boxes, scores = tracks[0]
+    assert sorted(boxes) == [3, 4, 6] and scores[4] == pytest.approx(0.8)
+
+
+def _cube_case(direction=np.eye(3)):
+    """A vertebra (a 40x40 mm block, 200 HU, 1 mm) with a lytic 10x10x6 mm hole on slices 10-15."""
+    rng = np.random.default_rng(0)
+    hu = rng.normal(200, 10, (24, 64, 64)).astype(np.float32)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[2:22, 12:52, 12:52] = 29
+    hu[labels == 0] = 0.0
+    hu[10:16, 25:35, 25:35] = 40.0
+    ct = io.Volume(hu, spacing=(1.0, 1.0, 1.0), origin=(5.0, -3.0, 7.0), direction=direction)
+    return ct, ct.with_array(labels)
+
+
+def test_detect_volume_keeps_boxes_in_the_spine_and_reports_lps_corners():
+    ct, labels = _cube_case()
+    centre = det.spine_centre(labels.array[10] > 0)
+
+    def outputs(call):
+        z = 2 + call  # slices with spine, in order
+        boxes, scores = [], []
+        # The lesion (source pixels 25-35) on slices 10-15 and a box far outside the spine on every slice.
+        if 10 <= z < 16:
+            boxes.append(det.source_to_crop(np.array([[25, 25, 35, 35]]), centre, (1, 1))[0])
+            scores.append(0.9)
+        boxes.append(det.source_to_crop(np.array([[55, 1, 63, 9]]), centre, (1, 1))[0])
+        scores.append(0.95)
+        return np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
+
+    lesions = det.detect_volume(ct, labels, _ScriptedDetector(outputs), score_threshold=0.5)
+    assert len(lesions) == 1
+    les = lesions[0]
+    assert les.z_range == (10, 16) and les.confidence == pytest.approx(0.9)
+    np.testing.assert_allclose(les.boxes[12], [25, 25, 35, 35], atol=1e-3)
+    # Identity direction: LPS = origin + index * spacing, outer faces at index -0.5.
+    np.testing.assert_allclose(les.box_lps[0], (5 + 24.5, -3 + 24.5, 7 + 9.5), atol=1e-3)
+    np.testing.assert_allclose(les.box_lps[1], (5 + 34.5, -3 + 34.5, 7 + 15.5), atol=1e-3)
+    assert json.loads(json.dumps(les.to_dict()))["n_slices"] == 6
+
+
+def test_healthy_volume_gives_no_lesion_and_no_mask():
+    ct, labels = _cube_case()
+    detector = _ScriptedDetector(lambda call: (np.zeros((0, 4), np.float32), np.zeros(0, np.float32)))
+    lesions, mask = det.find_lesions(ct, labels, detector)
+    assert lesions == [] and mask is None
+
+
+def test_lesion_mask_is_the_abnormal_bone_inside_the_box_on_the_input_grid():
+    # RAS direction: the mask must come back on the input's own grid.
+    ct, labels = _cube_case(np.diag([-1.0, -1.0, 1.0]))
+    lps = io.reorient(ct, "LPS")
+    truth = np.zeros(ct.shape, bool)
+    truth[10:16, 25:35, 25:35] = True
+    truth_lps = io.reorient(ct.with_array(truth.astype(np.uint8)), "LPS").array > 0
+    zz, yy, xx = np.nonzero(truth_lps)
+    box = (xx.min() - 3.0, yy.min() - 3.0, xx.max() + 4.0, yy.max() + 4.0)  # a loose box
+    les = det.Lesion3D({z: box for z in range(zz.min(), zz.max() + 1)}, {z: 0.9 for z in range(10, 16)}, 0.9,
+                       ((0, 0, 0), (1, 1, 1)))
+    mask = det.lesion_mask_from_detections(ct, [les], labels)
+    assert mask.same_grid(ct) and mask.array.dtype == np.uint8
+    got = mask.array > 0
+    dice = 2 * (got & truth).sum() / (got.sum() + truth.sum())
+    assert dice > 0.9
+    assert not got[:10].any() and not got[16:].any()
+    assert lps.shape == ct.shape
+
+
+def test_detect_volume_rejects_a_mask_on_another_grid():
+    ct, labels = _cube_case()
+    other = io.Volume(labels.array[:, :, :-1], labels.spacing, labels.origin)
+    with pytest.raises(SpineInpaintError, match="same grid"):
+        det.detect_volume(ct, other, _ScriptedDetector(lambda c: None))
+
+
+# --- command line -----------------------------------------------------------------------------------------
+def test_evaluate_detection_with_missing_weights_is_a_one_line_error(tmp_path, capsys):
+    code = cli.main(["evaluate", "detection", "--retinanet", str(tmp_path / "none.safetensors"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "detector weights not found" in err
+
+
+def test_shipped_retinanet_weights_are_small_and_documented():
+    if not det.DEFAULT_WEIGHTS.exists():
+        pytest.skip("no shipped detector weights (training did not reach a useful model)")
+    meta = json.loads(det.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert det.DEFAULT_WEIGHTS.stat().st_size < 40e6
+    assert meta["arch"] == "retinanet" and meta["sha256"] == training.sha256_of(det.DEFAULT_WEIGHTS)
+    assert meta["input"]["window_hu"] == list(det.WINDOW) and not math.isnan(meta["metrics"]["val_ap50"])
+    det.load_detector()

@@ -1,0 +1,296 @@
+"""Vertebra segmentation: networks, network grid, 2.5D input, post-processing, inference, training, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from SpineInpaintLib import SpineInpaintError, datasets, io
+from SpineInpaintLib import seg_train as st
+from SpineInpaintLib import segmentation as seg
+from SpineInpaintLib.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+def _column_case(case_id: str, seed: int = 0, direction: np.ndarray | None = None) -> datasets.Case:
+    """A small synthetic CT: air, a soft-tissue body and four bone 'vertebrae' (L5 ... L2) stacked in z.
+
+    Grid 36 x 64 x 64 at 1.5 mm x 1.5 mm x 2.5 mm (LPS unless ``direction``); each vertebra is a
+    36 x 36 x 15 mm box, separated by 5 mm 'discs'.
+    """
+    rng = np.random.default_rng(seed)
+    ct = np.full((36, 64, 64), -1000.0, np.float32)
+    ct[:, 8:56, 8:56] = 40.0
+    labels = np.zeros(ct.shape, np.uint8)
+    for k, level in enumerate((27, 28, 29, 30)):
+        z0 = 3 + 8 * k
+        ct[z0:z0 + 6, 20:44, 20:44] = 600.0
+        labels[z0:z0 + 6, 20:44, 20:44] = level
+    ct += rng.normal(0, 10, ct.shape).astype(np.float32)
+    spacing = (1.5, 1.5, 2.5)
+    origin = (-48.0, -40.0, 100.0)
+    volume = io.Volume(ct, spacing, origin, np.eye(3) if direction is None else direction)
+    label_volume = volume.with_array(labels)
+    return datasets.Case(case_id, volume, volume, label_volume, None, "phantom", seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A network-grid cache of three synthetic cases (two train, one val by the fixed split)."""
+    folder = tmp_path_factory.mktemp("segcache")
+    for case_id in ("synthetic_0", "synthetic_1", "synthetic_32"):
+        st.cache_case(_column_case(case_id), folder)
+    return folder
+
+
+# --- networks --------------------------------------------------------------------------------------------
+def test_unet_and_vnet_forward_shapes():
+    torch.manual_seed(0)
+    x = torch.rand(2, seg.IN_CHANNELS, 48, 64)
+    for name in seg.NETWORKS:
+        model = seg.build_network(name).eval()
+        with torch.no_grad():
+            assert model(x).shape == (2, seg.N_CLASSES, 48, 64)
+
+
+def test_vnet_is_configured_as_the_paper():
+    """Five stages joined by 2x2 stride-2 convolutions, 3x3 padded convolutions, 16 channels, 1x1 head."""
+    model = seg.build_network("vnet")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    down = [m for m in convs if m.kernel_size == (2, 2) and m.stride == (2, 2)]
+    assert [m.out_channels for m in down] == [32, 64, 128, 256]  # 16 -> 256: five resolution stages
+    assert not any(isinstance(m, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)) for m in model.modules())
+    others = [m for m in convs if m not in down]
+    assert {m.kernel_size for m in others} == {(3, 3), (1, 1)}
+    assert all(m.padding == (1, 1) for m in others if m.kernel_size == (3, 3))
+    head = model.out_tr.conv2
+    assert head.kernel_size == (1, 1) and head.in_channels == 16 and head.out_channels == seg.N_CLASSES
+    assert model.in_tr.conv_block.conv.out_channels == 16
+
+
+def test_unknown_network_is_a_user_error():
+    with pytest.raises(SpineInpaintError, match="unknown segmentation network 'segnet'"):
+        seg.build_network("segnet")
+
+
+# --- data on the grid ----------------------------------------------------------------------------------
+def test_ids_to_classes():
+    ids = np.array([0, 5, 25, 26, 27, 34, 35, 40, 50, 117], np.uint8)
+    np.testing.assert_array_equal(seg.ids_to_classes(ids), [0, 0, 2, 3, 4, 11, 1, 1, 1, 0])
+    assert [seg.CLASS_IDS[c] for c in seg.ids_to_classes(np.array([25, 29, 34]))] == [25, 29, 34]
+
+
+def test_channel_stack_interpolates_neighbours_in_millimetres():
+    # Slice z holds z * 100 HU; spacing 1.25 mm -> neighbours are 2 slices away; 1 mm -> 2.5 slices.
+    hu = np.repeat(np.arange(8, dtype=np.float32)[:, None, None] * 100.0, 4, axis=1).repeat(4, axis=2)
+    lo, hi = seg.WINDOWS[0]
+    wide = lambda v: np.clip((v - lo) / (hi - lo), 0, 1)  # noqa: E731
+    stack = seg.channel_stack(hu, 1.25, [3, 0, 7])
+    assert stack.shape == (3, 4, 4, 4)
+    np.testing.assert_allclose(stack[0, :, 0, 0], [wide(100), wide(300), wide(500),
+                                                   np.clip((300 - seg.WINDOWS[1][0]) / 1000, 0, 1)], atol=1e-6)
+    np.testing.assert_allclose(stack[1, 0, 0, 0], wide(0.0), atol=1e-6)  # clamped at the first slice
+    np.testing.assert_allclose(stack[2, 2, 0, 0], wide(700.0), atol=1e-6)  # clamped at the last slice
+    half = seg.channel_stack(hu, 1.0, [4])
+    np.testing.assert_allclose(half[0, 0, 0, 0], wide(150.0), atol=1e-6)  # 4 - 2.5 = 1.5 -> 150 HU
+
+
+def test_network_grid_keeps_physical_positions_for_any_orientation():
+    # The same anatomy stored RAS (rows and columns flipped): the grid is LPS at 1.5 mm in-plane and
+    # a label resampled to the grid and back lands on the same voxels.
+    flip = np.diag([-1.0, -1.0, 1.0])
+    case = _column_case("synthetic_0")
+    ras = io.reorient(case.labels, "RAS")
+    assert np.allclose(ras.direction, flip)
+    grid = seg.to_network_grid(ras, labels=True)
+    assert np.allclose(grid.direction, np.eye(3))
+    assert grid.spacing[:2] == (seg.GRID_MM, seg.GRID_MM) and grid.spacing[2] == pytest.approx(2.5)
+    back = io.resample_like(grid, ras, labels=True)
+    np.testing.assert_array_equal(back.array, ras.array)
+    # The L3 box centre is at the same LPS point on both grids.
+    c_ras = ras.index_to_physical(np.argwhere(ras.array == 29).mean(axis=0))
+    c_grid = grid.index_to_physical(np.argwhere(grid.array == 29).mean(axis=0))
+    np.testing.assert_allclose(c_ras, c_grid, atol=1e-6)
+
+
+# --- checks and post-processing ------------------------------------------------------------------------
+def test_check_ct_flags_non_ct():
+    case = _column_case("synthetic_0")
+    assert seg.check_ct(case.ct) == []
+    assert "constant" in seg.check_ct(case.ct.with_array(np.zeros(case.ct.shape)))[0]
+    mr = case.ct.with_array(np.random.default_rng(1).uniform(0, 2000, case.ct.shape))
+    assert any("no air" in r for r in seg.check_ct(mr))
+
+
+def test_clean_mask_removes_specks_keeps_neighbouring_vertebrae():
+    mask = np.zeros((40, 60, 60), bool)
+    mask[2:12, 20:40, 20:40] = True       # vertebra A (4000 voxels)
+    mask[15:25, 20:40, 20:40] = True      # vertebra B, 3 slices (6 mm) away: kept
+    mask[30:32, 2:5, 2:5] = True          # speck far away: removed
+    mask[5:9, 50:58, 50:58] = True        # rib-like 256 voxels, 10 pixels (20 mm) away: removed
+    kept = seg.clean_mask(mask, (2.0, 2.0, 2.0), min_ml=0.5)
+    assert kept[2:12, 20:40, 20:40].all() and kept[15:25, 20:40, 20:40].all()
+    assert not kept[30:32, 2:5, 2:5].any() and not kept[5:9, 50:58, 50:58].any()
+
+
+def test_split_vertebrae_numbers_a_column_through_its_posterior_bridge():
+    # Four 'bodies' separated by discs, joined by a thin posterior bar; the network's
+    # scores are right on two vertebrae only and uniform elsewhere: the order fixes the others.
+    case = _column_case("synthetic_0")
+    labels = case.labels.array.copy()
+    mask = labels > 0
+    mask[3:33, 44:48, 30:34] = True  # posterior bar (6 x 6 mm), bridges the discs
+    scores = np.full((seg.N_CLASSES,) + labels.shape, 1.0 / seg.N_CLASSES, np.float32)
+    for level in (28, 30):
+        one_hot = np.zeros(seg.N_CLASSES, np.float32)
+        one_hot[seg.CLASS_IDS.index(level)] = 1.0
+        scores[:, labels == level] = one_hot[:, None]
+    out = seg.split_vertebrae(mask, scores, case.ct.spacing_zyx, core_mm=5.0)
+    for level in (27, 28, 29, 30):
+        body = labels == level
+        assert (out[body] == level).mean() > 0.95, level
+    assert set(np.unique(out)) == {0, 27, 28, 29, 30}
+    assert not out[~mask].any()
+
+
+def test_export_vertebra():
+    case = _column_case("synthetic_0")
+    l3 = seg.export_vertebra(case.labels, "L3")
+    assert l3.same_grid(case.labels) and l3.array.sum() == (case.labels.array == 29).sum()
+    with pytest.raises(SpineInpaintError, match="T12 is not in the label map"):
+        seg.export_vertebra(case.labels, "T12")
+
+
+# --- whole-volume inference -----------------------------------------------------------------------------
+@pytest.mark.parametrize("values", ["zeros", "mr"])
+def test_non_ct_input_warns_and_returns_empty_flagged_masks(values):
+    case = _column_case("synthetic_0")
+    array = np.zeros(case.ct.shape, np.float32) if values == "zeros" else \
+        np.random.default_rng(2).uniform(0, 2000, case.ct.shape).astype(np.float32)
+    model = seg.build_network("unet").eval()
+    with pytest.warns(UserWarning, match="does not look like CT"):
+        result = seg.segment_volume(case.ct.with_array(array), model=model)
+    assert result.flags == ["not_ct"] and not result.ok
+    assert result.spine.array.sum() == 0 and result.labels.array.sum() == 0
+    assert result.spine.same_grid(case.ct)
+
+
+def test_segment_volume_returns_masks_on_the_input_grid():
+    # An oblique, anisotropic input: the output must carry its exact geometry.
+    angle = np.deg2rad(15.0)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    case = _column_case("synthetic_0", direction=direction)
+    torch.manual_seed(0)
+    model = seg.build_network("unet").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained network may well find no spine
+        result = seg.segment_volume(case.ct, model=model, batch_size=16)
+    assert result.spine.same_grid(case.ct) and result.labels.same_grid(case.ct)
+    assert result.spine.array.dtype == np.uint8 and set(np.unique(result.spine.array)) <= {0, 1}
+    assert not result.labels.array[result.spine.array == 0].any()
+    assert set(result.timings) >= {"network", "total"}
+
+
+def test_segment_volume_rejects_a_non_volume():
+    with pytest.raises(SpineInpaintError, match="needs an io.Volume"):
+        seg.segment_volume(np.zeros((4, 4, 4)))
+
+
+def test_missing_weights_is_a_user_error(tmp_path):
+    with pytest.raises(SpineInpaintError, match="segmentation weights not found"):
+        seg.load_model("unet", tmp_path / "nope.safetensors")
+
+
+# --- loss, splits -----------------------------------------------------------------------------------------
+def test_loss_prefers_the_right_answer():
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[:, 8:20, 8:20] = 5
+    right = torch.full((2, seg.N_CLASSES, 32, 32), -10.0)
+    right.scatter_(1, target.unsqueeze(1), 10.0)
+    wrong = torch.full((2, seg.N_CLASSES, 32, 32), -10.0)
+    wrong[:, 0] = 10.0
+    loss = seg.segmentation_loss()
+    assert float(loss(right, target)) < 0.05 < 1.0 < float(loss(wrong, target))
+
+
+def test_folds_partition_cases_and_test_split_stays_out(tiny_cache):
+    ids = [f"phantom_{k:04d}" for k in range(200)]
+    folds = [st.fold_of(i, 10) for i in ids]
+    assert set(folds) == set(range(10)) and folds == [st.fold_of(i, 10) for i in ids]
+    cases = st.load_cache(tiny_cache)
+    train, val = st.assign_splits(cases)
+    assert {c.case_id for c in train} == {"synthetic_0", "synthetic_1"}
+    assert {c.case_id for c in val} == {"synthetic_32"}
+    seen = []
+    for k in range(3):
+        tr, va = st.assign_splits(cases, folds=3, fold=k)
+        assert not {c.case_id for c in tr} & {c.case_id for c in va}
+        seen += [c.case_id for c in va]
+    assert sorted(seen) == sorted(c.case_id for c in cases)
+    with pytest.raises(SpineInpaintError, match="--fold must be in"):
+        st.assign_splits(cases, folds=3, fold=3)
+
+
+# --- training: checkpoints, resume, weights, CLI, torchrun ------------------------------------------------
+def test_train_resume_and_weights_roundtrip(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    kwargs = dict(steps_per_epoch=2, batch_size=2, crop=32, seed=3, threads=1, progress=False, val_per_case=2)
+    first = st.train_segmentation("unet", out, tiny_cache, epochs=1, **kwargs)
+    assert first["epoch"] == 1
+    # An interrupted run resumes from the epoch-1 checkpoint and only trains epoch 2.
+    second = st.train_segmentation("unet", out, tiny_cache, epochs=2, **kwargs)
+    assert second["epoch"] == 2
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,val_loss,train_iou,val_iou") and len(rows) == 3
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert (out / "curves.png").stat().st_size > 0
+    meta = json.loads((out / "unet.json").read_text())
+    assert meta["training"]["seed"] == 3 and meta["training"]["steps"] == 4 and len(meta["sha256"]) == 64
+    model, meta2 = seg.load_model("unet", out / "unet.safetensors")
+    assert meta2["architecture"]["net"] == "unet"
+    with pytest.raises(SpineInpaintError, match="trained with seed 3"):
+        st.train_segmentation("unet", out, tiny_cache, epochs=3, **{**kwargs, "seed": 4})
+
+
+def test_cli_train_segmentation_single_process(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli_main(["train", "segmentation", "--net", "vnet", "--cache", str(tiny_cache), "--phantoms", "0",
+                     "--out", str(out), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1",
+                     "--crop", "32", "--threads", "1", "--max-steps", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["epoch"] == 1
+    assert (out / "vnet.safetensors").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_cli_train_rejects_bad_arguments(capsys):
+    assert cli_main(["train", "segmentation", "--crop", "100"]) == 2
+    assert "--crop must be a multiple of 16" in capsys.readouterr().err
+    assert cli_main(["train", "segmentation", "--folds", "10", "--fold", "10"]) == 2
+    assert "--fold must be in [0, 9]" in capsys.readouterr().err
+    assert cli_main(["train"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tiny_cache, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "SpineInpaintLib", "train", "segmentation", "--net", "unet", "--cache", str(tiny_cache),
+           "--phantoms", "0", "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "1",
+           "--crop", "32", "--device", "cpu", "--threads", "1", "--max-steps", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].rstrip().endswith(",2")  # world_size column
+    assert json.loads((out / "unet.json").read_text())["training"]["world_size"] == 2
