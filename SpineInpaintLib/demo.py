@@ -3,7 +3,8 @@
 The embedded case is generated, not downloaded: phantom seed 0 (512x512 at 0.8 mm, 2.5 mm slices,
 L2 to L4) with a destructive lytic lesion in L3, seed 1. The demo writes the case (lesioned CT,
 healthy CT and labels) beside the outputs, runs the whole pipeline on the lesioned CT, and prints
-the Dice, HD95 and volume error of the restored L3 against its healthy truth.
+the Dice, HD95 and volume error of the restored L3 against its healthy truth. The lesion mask is
+given (the simulated one) unless ``--detect`` asks for the detector.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ def demo_case():
     return sim, ph
 
 
-def run_demo(out: Path, *, detect: bool = True, method: str | None = None) -> int:
+def run_demo(out: Path, *, detect: bool = False, method: str | None = None) -> int:
     """Generate the embedded case, restore it into ``out``, print the scores and list the outputs.
 
-    With ``detect`` the lesion is found by the detector (the real job); without it (or when no
-    detector weights are shipped) the simulated lesion mask is given, as a user drawing it in
-    Slicer's Segment Editor would.
+    By default the simulated lesion mask is given, as a user drawing it in Slicer's Segment Editor
+    would: the shipped detector does not meet its accuracy target yet and finds false lesions at
+    other levels. With ``detect`` (and shipped detector weights) the detector finds the lesion.
     """
     from SpineInpaintLib import detection, pipeline
 
@@ -61,7 +62,7 @@ def run_demo(out: Path, *, detect: bool = True, method: str | None = None) -> in
 
     report = result.report
     print(f"lesion mask: {result.report['demo_case']['lesion_mask']}"
-          + ("" if have_detector or not detect else " -- no detector weights shipped yet"))
+          + (" -- no detector weights shipped" if detect and not have_detector else ""))
     metrics = report.get("truth_metrics")
     if metrics and report["restored_levels"]:
         print(f"restored {metrics['level']} against its healthy truth: Dice {metrics['dice']:.3f}, "

@@ -305,8 +305,10 @@ def write_outputs(result: RestoreResult, out: str | os.PathLike, *, figure: bool
             if name != "Spine":
                 surface.write_stl(poly, tmp / f"restored_{name}.stl")
         if figure:
-            report_figure(result.ct, result.restored_ct, result.lesion_mask, result.restored_labels, result.surfaces,
-                          tmp / OUTPUT_FILES["report_png"],
+            # surfaces=None: the figure draws every vertebra from the labels (the whole-spine
+            # surface would hide the restored one), before (with the lesion) and after.
+            report_figure(result.ct, result.restored_ct, result.lesion_mask, result.restored_labels, None,
+                          tmp / OUTPUT_FILES["report_png"], labels_before=result.spine_labels,
                           title=f"SpineInpaint restore ({result.report['settings']['method']}), seed {result.report['seed']}")
         result.report["timings"]["write_outputs"] = round(time.perf_counter() - start, 3)
         result.report["outputs"] = sorted(p.name for p in tmp.iterdir()) + [OUTPUT_FILES["report_json"]]
