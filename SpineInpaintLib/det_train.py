@@ -625,8 +625,8 @@ def evaluate_detection(detectors: dict[str, det.Detector], *, phantoms: int = 18
     ``cases`` replaces the generated test cases; ``volume_options`` go to ``detect_volume``.
     """
     if cases is None:
-        cases = list(make_detection_cases("test", phantoms=phantoms, real=real, healthy_phantoms=healthy_phantoms,
-                                          healthy_real=True))
+        cases = list(make_detection_cases("test", phantoms=phantoms, real=real,
+                                          healthy_phantoms=healthy_phantoms, healthy_real=True))
     if not cases:
         raise SpineInpaintError("no test case could be generated")
     rng = np.random.default_rng([seed, 8191])

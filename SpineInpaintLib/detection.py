@@ -71,6 +71,7 @@ __all__ = [
     "Lesion3D",
     "detect_slices",
     "link_detections",
+    "spine_binary",
     "detect_volume",
     "lesions_from_slices",
     "lesion_mask_from_detections",
@@ -92,6 +93,12 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "detect
 #: The paper's result (Miao et al., Sec. III.B): Faster R-CNN VGG-16 on 282 DeepLesion bone slices.
 PAPER_RESULT = {"detector": "paper: Faster R-CNN VGG-16", "ap50": 0.7688, "images_per_s": 60.33,
                 "device": "GPU", "data": "DeepLesion bone lesions, 512x512"}
+#: Volume-level thresholds (:func:`detect_volume`), tuned for the shipped weights on the validation volumes
+#: (6 lesioned and 3 healthy phantoms, 6 lesions on the real scan): the best of sensitivity minus half
+#: the false positives per volume over a grid (see ``volume_level`` in the weights' JSON).
+VOLUME_SCORE_THRESHOLD = 0.9
+VOLUME_SLICE_THRESHOLD = 0.5
+VOLUME_MIN_SLICES = 3
 #: Value (HU) outside the scan.
 _AIR_HU = -1000.0
 
@@ -387,6 +394,18 @@ def _lps(volume: io.Volume) -> io.Volume:
     return io.reorient(volume, "LPS")
 
 
+def spine_binary(mask: np.ndarray) -> np.ndarray:
+    """The spine of a mask: a binary mask as is, or the vertebrae (ids 25-50) of a multi-label map.
+
+    A label map also holds other tissues (organs, muscles, the phantom's fat); their centroid is not
+    the spine's, and boxes on them are no spinal lesions.
+    """
+    mask = np.asarray(mask)
+    if mask.size and mask.max() > 1:
+        return (mask >= 25) & (mask <= 50)
+    return mask > 0
+
+
 def detect_slices(ct: io.Volume, spine: io.Volume, detector: Detector, *, slices: Sequence[int] | None = None,
                   batch_size: int = 8, score_threshold: float = 0.05,
                   progress: bool = False) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -532,9 +551,11 @@ def _check_volume_pair(ct: io.Volume, mask: io.Volume, what: str) -> None:
         raise SpineInpaintError(f"the CT and the {what} must be on the same grid")
 
 
-def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *, score_threshold: float = 0.5,
-                  slice_threshold: float = 0.2, min_spine_fraction: float = 0.05, link_iou: float = 0.2,
-                  min_slices: int = 2, progress: bool = False) -> list[Lesion3D]:
+def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *,
+                  score_threshold: float = VOLUME_SCORE_THRESHOLD,
+                  slice_threshold: float = VOLUME_SLICE_THRESHOLD, min_spine_fraction: float = 0.05,
+                  link_iou: float = 0.2, min_slices: int = VOLUME_MIN_SLICES,
+                  progress: bool = False) -> list[Lesion3D]:
     """3D lesions in a CT: per-slice boxes kept inside the spine mask, linked across slices.
 
     Parameters
@@ -542,7 +563,8 @@ def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *, s
     ct
         HU volume, any orientation (processed as axial slices of its LPS reorientation).
     spine_mask
-        Spine mask or vertebra labels on the CT's grid (non-zero = spine).
+        Binary spine mask, or a label map on the CT's grid of which the vertebra ids (TotalSegmentator
+        25-50) are the spine (see :func:`spine_binary`).
     detector
         A trained :class:`Detector` (e.g. :func:`load_detector`).
     score_threshold
@@ -563,7 +585,8 @@ def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *, s
     _check_volume_pair(ct, spine_mask, "spine mask")
     if not 0.0 <= score_threshold <= 1.0:
         raise SpineInpaintError(f"score_threshold must be in [0, 1], got {score_threshold}")
-    ct_lps, spine_lps = _lps(ct), _lps(spine_mask.with_array((spine_mask.array > 0).astype(np.uint8)))
+    ct_lps = _lps(ct)
+    spine_lps = _lps(spine_mask.with_array(spine_binary(spine_mask.array).astype(np.uint8)))
     if not spine_lps.array.any():
         return []
     per_slice = detect_slices(ct_lps, spine_lps, detector, score_threshold=slice_threshold, progress=progress)
@@ -573,9 +596,9 @@ def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *, s
 
 
 def lesions_from_slices(per_slice: dict[int, tuple[np.ndarray, np.ndarray]], ct_lps: io.Volume,
-                        spine_lps: io.Volume, *, score_threshold: float = 0.5, slice_threshold: float = 0.2,
-                        min_spine_fraction: float = 0.05, link_iou: float = 0.2,
-                        min_slices: int = 2) -> list[Lesion3D]:
+                        spine_lps: io.Volume, *, score_threshold: float = VOLUME_SCORE_THRESHOLD,
+                        slice_threshold: float = VOLUME_SLICE_THRESHOLD, min_spine_fraction: float = 0.05,
+                        link_iou: float = 0.2, min_slices: int = VOLUME_MIN_SLICES) -> list[Lesion3D]:
     """The second half of :func:`detect_volume`: spine filter, linking and confidence threshold.
 
     ``per_slice`` comes from :func:`detect_slices` on the LPS-oriented ``ct_lps`` and ``spine_lps``
@@ -630,7 +653,7 @@ def lesion_mask_from_detections(ct: io.Volume, lesions: Sequence[Lesion3D], vert
     _check_volume_pair(ct, vertebra_labels, "vertebra labels")
     ct_lps, lab_lps = _lps(ct), _lps(vertebra_labels)
     hu, labels = ct_lps.array.astype(np.float32), lab_lps.array
-    spine = (labels >= 25) & (labels <= 50) if labels.max() > 1 else labels > 0
+    spine = spine_binary(labels)
     sy, sx = ct_lps.spacing_zyx[1:]
     dil = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), 1)
     n_dil = max(1, int(round(dilation_mm / min(sy, sx))))
@@ -678,7 +701,7 @@ def lesion_mask_from_detections(ct: io.Volume, lesions: Sequence[Lesion3D], vert
 
 
 def find_lesions(ct: io.Volume, vertebra_labels: io.Volume, detector: Detector | None = None, *,
-                 score_threshold: float = 0.5,
+                 score_threshold: float = VOLUME_SCORE_THRESHOLD,
                  progress: bool = False) -> tuple[list[Lesion3D], io.Volume | None]:
     """Detect lesions and build the inpainting mask; ``(lesions, None)`` when the spine looks healthy.
 

@@ -230,6 +230,27 @@ def test_detect_volume_keeps_boxes_in_the_spine_and_reports_lps_corners():
     assert json.loads(json.dumps(les.to_dict()))["n_slices"] == 6
 
 
+def test_spine_binary_takes_the_vertebrae_of_a_label_map():
+    labels = np.array([0, 1, 24, 25, 29, 50, 51, 87])
+    assert det.spine_binary(labels).tolist() == [False, False, False, True, True, True, False, False]
+    assert det.spine_binary(np.array([0, 1, 1, 0])).tolist() == [False, True, True, False]
+
+
+def test_boxes_off_the_vertebrae_of_a_label_map_are_dropped():
+    # A labelled muscle (id 87) beside the vertebra: a confident box on it is no spinal lesion.
+    ct, labels = _cube_case()
+    lab = labels.array.copy()
+    lab[2:22, 52:64, 52:64] = 87
+    labels = labels.with_array(lab)
+    centre = det.spine_centre(det.spine_binary(lab[10]))
+    muscle_box = det.source_to_crop(np.array([[53, 53, 63, 63]]), centre, (1, 1))[0]
+
+    def outputs(call):
+        return np.asarray([muscle_box], np.float32), np.asarray([0.99], np.float32)
+
+    assert det.detect_volume(ct, labels, _ScriptedDetector(outputs)) == []
+
+
 def test_healthy_volume_gives_no_lesion_and_no_mask():
     ct, labels = _cube_case()
     detector = _ScriptedDetector(lambda call: (np.zeros((0, 4), np.float32), np.zeros(0, np.float32)))
