@@ -252,7 +252,7 @@ def _add_evaluate_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faster-rcnn", default="runs/detection/faster_rcnn/best.safetensors",
                         help="Faster R-CNN baseline weights "
                         "(default runs/detection/faster_rcnn/best.safetensors)")
-    parser.add_argument("--phantoms", type=int, default=18, help="lesioned test phantoms (default 18)")
+    parser.add_argument("--phantoms", type=int, default=15, help="lesioned test phantoms (default 15)")
     parser.add_argument("--real", type=int, default=9, help="test lesions simulated on the real scan (default 9)")
     parser.add_argument("--healthy-phantoms", type=int, default=4, help="healthy test phantoms (default 4)")
     parser.add_argument("--deeplesion", help="also score the test-split bone lesions of this DeepLesion-format folder")

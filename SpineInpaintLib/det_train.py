@@ -607,7 +607,7 @@ def _groups(meta: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in sorted(groups.items())}
 
 
-def evaluate_detection(detectors: dict[str, det.Detector], *, phantoms: int = 18, real: int = 9,
+def evaluate_detection(detectors: dict[str, det.Detector], *, phantoms: int = 15, real: int = 9,
                        healthy_phantoms: int = 4, max_positives: int = 10, deeplesion: str | None = None,
                        seed: int = 0, volume_level: bool = True, progress: bool = True,
                        figures: str | Path | None = None, cases: list[datasets.Case] | None = None,
