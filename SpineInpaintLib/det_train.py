@@ -641,6 +641,7 @@ def evaluate_detection(detectors: dict[str, det.Detector], *, phantoms: int = 15
     groups = _groups(samples.meta)
     predictions, curves = {}, {}
     for name, detector in detectors.items():
+        detector.predict(images[:2])  # warm-up: the first call allocates (not timed)
         boxes, scores, seconds = predict_samples(detector, images)
         predictions[name] = (boxes, scores)
         row = score_detections(boxes, scores, truth)

@@ -300,3 +300,26 @@ def test_shipped_retinanet_weights_are_small_and_documented():
     assert meta["arch"] == "retinanet" and meta["sha256"] == training.sha256_of(det.DEFAULT_WEIGHTS)
     assert meta["input"]["window_hu"] == list(det.WINDOW) and not math.isnan(meta["metrics"]["val_ap50"])
     det.load_detector()
+
+
+def test_deeplesion_folder_gives_the_key_slice_with_its_padded_box(tmp_path):
+    case = datasets.real_case(seed=5, lesion_types=["lytic"])
+    root = datasets.write_deeplesion([case], tmp_path / "dl")
+    samples = dt.samples_from_deeplesion(root, None, rng=np.random.default_rng(0))
+    assert len(samples) == 1 and samples.meta[0]["lesion_type"] == "bone"
+    (box,) = samples.centre_boxes()[0]
+    # The same slice cut from the case: DeepLesion's key slice is the lesion mask's largest slice, its
+    # box the RECIST box padded by 5 pixels (3 mm pixels: 15 mm a side at our 1 mm grid, plus one
+    # 3 mm pixel for DeepLesion's inclusive end), so it holds the mask's box.
+    ct = io.reorient(case.ct, "LPS")
+    tumour = io.reorient(case.lesion.lesion_mask, "LPS").array
+    z = int(np.argmax(tumour.reshape(tumour.shape[0], -1).sum(axis=1)))
+    spine = datasets.spine_mask(io.reorient(case.labels, "LPS").array[z])
+    centre = det.spine_centre(spine)
+    a = (dt.CACHE_SIZE - det.CROP_SIZE) // 2
+    mask = det.crop_slices(tumour[z][None].astype(np.float32), centre, ct.spacing_zyx[1:], size=dt.CACHE_SIZE,
+                           order=0, cval=0)[0][a:a + det.CROP_SIZE, a:a + det.CROP_SIZE]
+    rows, cols = np.nonzero(mask)
+    assert box[0] <= cols.min() + 1 and box[1] <= rows.min() + 1
+    assert box[2] >= cols.max() and box[3] >= rows.max()
+    assert box[2] - box[0] <= cols.max() - cols.min() + 1 + 2 * 15 + 3
