@@ -218,6 +218,16 @@ def _add_evaluate_segmentation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def _add_run_control(parser: argparse.ArgumentParser) -> None:
+    """Flags every resumable trainer shares: seed, time limit, device, threads, resume, progress."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_train_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=("retinanet", "faster_rcnn"), default="retinanet",
                         help="MONAI RetinaNet (default) or the paper's Faster R-CNN VGG-16 baseline")
@@ -236,12 +246,7 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8, help="slices per step and process")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3 RetinaNet, 2e-4 Faster R-CNN)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
-    parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_control(parser)
     parser.add_argument("--export",
                         help="also copy the best weights, metadata and curves here (e.g. Resources/detection)")
 
@@ -281,12 +286,7 @@ def _add_train_gan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="generator base width (default: the shipped size)")
     parser.add_argument("--critic-width", type=int, help="discriminator base width (default: the shipped size)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default: the model's paper setting)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
-    parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_control(parser)
     parser.add_argument("--export", help="also write the final weights and sample grid here (e.g. Resources/gan)")
 
 
