@@ -42,7 +42,7 @@ def _addLibraryToPath():
 
 _addLibraryToPath()
 
-from SpineInpaintModuleLib import steps  # noqa: E402
+from SpineInpaintModuleLib import runner, steps  # noqa: E402
 
 
 #
@@ -85,6 +85,7 @@ class SpineInpaint(ScriptedLoadableModule):
 class Method(enum.Enum):
     """Inpainting method (names match SpineInpaintModuleLib.steps.METHODS)."""
 
+    CONTEXT = "Context generator (best)"
     WGAN_GP = "WGAN-GP"
     DCGAN = "DCGAN"
     PGGAN = "PGGAN"
@@ -119,7 +120,7 @@ class SpineInpaintParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
-    method: Method = Method.WGAN_GP
+    method: Method = Method.CONTEXT
     device: Device = Device.AUTO
     stlFolder: pathlib.Path
     restoredVolume: vtkMRMLScalarVolumeNode
@@ -377,44 +378,20 @@ class SpineInpaintLogic(ScriptedLoadableModuleLogic):
         """PythonSlicer: Slicer's Python, set up like the application's, without a GUI."""
         return shutil.which("PythonSlicer") or sys.executable
 
+    def runner(self):
+        """The Qt-free core that runs the steps on the scene (:class:`runner.StepRunner`)."""
+        return runner.StepRunner(slicer.mrmlScene, python=self.pythonExecutable(),
+                                 environment=self._startupEnvironment(), lesion_name=self.lesionName)
+
     def startStep(self, stepKey: str, parameterNode):
         """Write the inputs to a temporary folder and start the step's command in the background.
 
         Returns a :class:`steps.BackgroundStep` (with ``stepKey``, ``workDir`` and ``outDir`` attached)
-        to poll; raises RuntimeError with a one-line reason when the step cannot run, in particular
-        when the installed SpineInpaintLib does not provide it yet.
+        to poll; raises with a one-line reason when the step cannot run, in particular when the
+        installed SpineInpaintLib does not provide it yet.
         """
-        from SpineInpaintLib import io, mrml
-
-        inputVolume = parameterNode.inputVolume
-        if inputVolume is None:
-            raise ValueError(_("Select an input CT volume first."))
-        workDir = pathlib.Path(tempfile.mkdtemp(prefix=f"SpineInpaint-{stepKey}-"))
-        inputPath = workDir / "input_ct.nii.gz"
-        outDir = workDir / "out"
-        lesionPath = None
-        if stepKey == "restore" and self._hasLesion(parameterNode.segmentation, inputVolume):
-            lesionPath = workDir / "lesion_mask.nii.gz"
-        try:
-            # Checks the command exists before anything heavy is written.
-            command = steps.build_command(
-                stepKey, self.pythonExecutable(), inputPath, outDir, lesionPath,
-                method=parameterNode.method.name, device=parameterNode.device.name,
-            )
-            io.write_volume(mrml.volume_from_node(inputVolume), inputPath)
-            if lesionPath is not None:
-                mask = mrml.lesion_mask_from_segmentation(
-                    parameterNode.segmentation, inputVolume, self.lesionName)
-                io.write_volume(mask, lesionPath)
-        except Exception:
-            shutil.rmtree(workDir, ignore_errors=True)
-            raise
-        job = steps.BackgroundStep(command, env=steps.process_environment(self._startupEnvironment()),
-                                   cwd=workDir)
-        job.stepKey, job.workDir, job.outDir = stepKey, workDir, outDir
-        logging.info("SpineInpaint: " + " ".join(command))
-        job.start()
-        return job
+        return self.runner().start(stepKey, parameterNode.inputVolume, parameterNode.segmentation,
+                                   method=parameterNode.method.name, device=parameterNode.device.name)
 
     @staticmethod
     def _startupEnvironment():
@@ -424,37 +401,19 @@ class SpineInpaintLogic(ScriptedLoadableModuleLogic):
         except Exception:
             return None
 
-    def _hasLesion(self, segmentationNode, inputVolume) -> bool:
-        """True when the segmentation has a non-empty 'Lesion' segment (an empty one means: detect)."""
-        from SpineInpaintLib import mrml
-
-        if segmentationNode is None:
-            return False
-        if not segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(self.lesionName):
-            return False
-        mask = mrml.lesion_mask_from_segmentation(
-            segmentationNode, inputVolume, self.lesionName, allow_empty=True)
-        return bool(mask.array.any())
-
     def cancelStep(self, job) -> None:
         """Stop a running step and delete its temporary folder; the scene is left as it was."""
-        job.cancel()
-        shutil.rmtree(job.workDir, ignore_errors=True)
+        self.runner().cancel(job)
 
     def finishStep(self, job, parameterNode):
-        """Bring a finished step's outputs into the scene and show them; returns SceneResults."""
-        from SpineInpaintLib import mrml
+        """Bring a finished step's outputs into the scene (all or nothing) and show them.
 
-        try:
-            job.poll()
-            if job.cancelled:
-                return None
-            if job.returncode != 0:
-                raise RuntimeError(job.last_error() or f"the step ended with exit code {job.returncode}")
-            results = mrml.load_outputs(slicer.mrmlScene, job.outDir, parameterNode.inputVolume,
-                                        segmentation_node=parameterNode.segmentation)
-        finally:
-            shutil.rmtree(job.workDir, ignore_errors=True)
+        Returns SceneResults (None for a cancelled step); raises the command's one-line error when
+        the step failed, leaving the scene as it was.
+        """
+        results = self.runner().finish(job, parameterNode.inputVolume, parameterNode.segmentation)
+        if results is None:
+            return None
         if results.segmentation is not None:
             parameterNode.segmentation = results.segmentation
         if results.restored_volume is not None:

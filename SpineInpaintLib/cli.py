@@ -132,8 +132,7 @@ def _run_restore(args: argparse.Namespace) -> int:
     ct_path = Path(args.ct)
     ct = io.read_volume(ct_path)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SpineInpaintError(f"output folder {out} exists and is not empty; choose a new one")
+    pipeline.check_output_folder(out)
     mask = io.read_volume(args.lesion_mask) if args.lesion_mask else None
     result = pipeline.restore(ct, mask, method=args.method or pipeline.DEFAULT_METHOD, seg_net=args.seg_net,
                               device=args.device, seed=args.seed, progress=True)
@@ -141,6 +140,81 @@ def _run_restore(args: argparse.Namespace) -> int:
     report = result.report
     print(f"restored levels: {', '.join(v['level'] for v in report['restored_vertebrae']) or 'none'} "
           f"({report['inpainting'].get('noop') or report['inpainting']['method']})")
+    print("outputs:")
+    for path in paths.values():
+        print(f"  {path}")
+    return 0
+
+
+# --- segment / detect (the Slicer module's first two steps) ----------------------------------------
+def _add_segment(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ct", help="spine CT (NIfTI, NRRD, MHA, or a DICOM folder)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--seg-net", default="unet", choices=("unet", "vnet"), help="segmentation network")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (recorded in report.json)")
+
+
+def _step_report(command: str, ct, args: argparse.Namespace) -> dict:
+    from SpineInpaintLib.training import resolve_device, seed_everything
+
+    seed_everything(args.seed)
+    return {"version": __version__, "command": command, "seed": int(args.seed),
+            "settings": {"seg_net": args.seg_net, "device": str(resolve_device(args.device))},
+            "input": {"path": str(args.ct), "geometry": ct.geometry()}}
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from SpineInpaintLib import io, pipeline
+    from SpineInpaintLib.labels import VERTEBRA_NAMES
+
+    ct = io.read_volume(args.ct)
+    pipeline.check_output_folder(args.out)
+    report = _step_report("segment", ct, args)
+    seg = pipeline.segment_spine(ct, args.seg_net, device=report["settings"]["device"], progress=True)
+    report["segmentation"] = {"net": seg.net, "levels": [VERTEBRA_NAMES.get(v, str(v)) for v in seg.levels()],
+                              "timings": seg.timings}
+    paths = pipeline.write_step_outputs({"spine_seg": seg.labels}, args.out, report)
+    print(f"vertebrae: {', '.join(report['segmentation']['levels'])}")
+    print("outputs:")
+    for path in paths.values():
+        print(f"  {path}")
+    return 0
+
+
+def _add_detect(parser: argparse.ArgumentParser) -> None:
+    _add_segment(parser)
+    parser.add_argument("--spine-seg", help="vertebra labels on the CT's grid (e.g. spine_seg.nii.gz of 'segment'); "
+                        "segmented first when not given")
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from SpineInpaintLib import io, pipeline
+    from SpineInpaintLib.labels import VERTEBRA_NAMES
+
+    ct = io.read_volume(args.ct)
+    labels = io.read_volume(args.spine_seg) if args.spine_seg else None
+    pipeline.check_output_folder(args.out)
+    report = _step_report("detect", ct, args)
+    volumes = {}
+    if labels is None:
+        seg = pipeline.segment_spine(ct, args.seg_net, device=report["settings"]["device"], progress=True)
+        labels = seg.labels
+        volumes["spine_seg"] = labels
+    found, mask = pipeline.detect_lesions(ct, labels, progress=True)
+    volumes["lesion_seg"] = mask
+    report["lesions"] = [lesion.to_dict() for lesion in found]
+    report["lesion_ml"] = round(float(mask.array.sum() * np.prod(ct.spacing) / 1000.0), 3)
+    if found:
+        levels = [VERTEBRA_NAMES.get(int(v), str(v)) for v in np.unique(labels.array[mask.array > 0]) if v]
+        report["lesion_levels"] = levels
+        print(f"{len(found)} lesion(s), confidence {', '.join(f'{l.confidence:.2f}' for l in found)}; "
+              f"mask {report['lesion_ml']} mL in {', '.join(levels) or 'no vertebra'}")
+    paths = pipeline.write_step_outputs(volumes, args.out, report)
+    if not found:
+        print("no lesion found (the spine looks healthy)")
     print("outputs:")
     for path in paths.values():
         print(f"  {path}")
@@ -189,6 +263,9 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
                         "each joins the training set as is and with a simulated lesion")
     parser.add_argument("--deeplesion", action="append", default=[],
                         help="DeepLesion-format folder with our Masks_png/ extension (repeatable)")
+    parser.add_argument("--real-weight", type=float, default=1.0,
+                        help="draw real-scan cases this many times as often as their slice count says (default 1)")
+    parser.add_argument("--init", help="start from these weights (.safetensors; fine-tuning), unless resuming")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="crops per step and process")
@@ -382,6 +459,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "demo": ("run the main job on the embedded default case and list the outputs", _add_demo, _run_demo),
     "phantom": ("generate synthetic spine CT phantoms with simulated lesions and their truth", _add_phantom,
                 _run_phantom),
+    "segment": ("vertebra labels of a CT (spine_seg.nii.gz): the module's 'Segment spine' step", _add_segment,
+                _run_segment),
+    "detect": ("lesion mask of a CT (lesion_seg.nii.gz, and spine_seg.nii.gz unless given): 'Detect lesions'",
+               _add_detect, _run_detect),
     "restore": ("the whole pipeline: restored CT, labels, lesion mask, STL surfaces and a report", _add_restore,
                 _run_restore),
     "bench": ("time the pipeline's stages on this machine (table + JSON)", _add_bench, _run_bench),

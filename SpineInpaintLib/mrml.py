@@ -855,23 +855,54 @@ def load_outputs(
       (from ``restored_spine.stl`` when written, else from the vertebra segments), in the
       subject-hierarchy folder :data:`RESULTS_FOLDER_NAME` with the restored volume and segmentation.
 
-    Every volume must be on the input CT's grid (the command line's contract).
+    Every volume must be on the input CT's grid (the command line's contract). All or nothing: the
+    files are read and checked before the scene changes, and a failure while building the results
+    removes the nodes added and restores ``segmentation_node``'s segments.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise SpineInpaintError(f"output folder not found: {out_dir}")
     reference = volume_from_node(input_volume_node)
-    prefix = input_volume_node.GetName()
     files = {key: out_dir / name for key, name in OUTPUT_FILES.items()}
-    results = SceneResults()
-
-    if files["restored_ct"].is_file():
-        restored = _read_on_grid(files["restored_ct"], reference)
-        results.restored_volume = volume_to_node(scene, restored, f"{prefix} restored")
-
+    # Read and check every file before the scene changes, then build; a failure while building
+    # removes what was added and restores the user's segmentation: no half-made results.
+    restored = _read_on_grid(files["restored_ct"], reference) if files["restored_ct"].is_file() else None
     label_file = files["restored_seg"] if files["restored_seg"].is_file() else files["spine_seg"]
     labels = _read_on_grid(label_file, reference) if label_file.is_file() else None
     lesion = _read_on_grid(files["lesion_seg"], reference) if files["lesion_seg"].is_file() else None
+    spine_stl = _read_stl(files["restored_spine"]) if files["restored_spine"].is_file() else None
+
+    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    sh = _subject_hierarchy(scene)
+    had_folder = bool(sh.GetItemChildWithName(sh.GetSceneItemID(), RESULTS_FOLDER_NAME))
+    backup = None
+    if segmentation_node is not None:
+        slicer = _slicer()
+        backup = slicer.vtkSegmentation()
+        backup.DeepCopy(segmentation_node.GetSegmentation())
+    try:
+        return _build_results(scene, files, input_volume_node, reference, restored, labels, lesion, spine_stl,
+                              segmentation_node)
+    except BaseException:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if (node is not None and node.GetID() not in existing and scene.IsNodePresent(node)
+                    and not node.IsA("vtkMRMLSubjectHierarchyNode")):
+                scene.RemoveNode(node)
+        folder = sh.GetItemChildWithName(sh.GetSceneItemID(), RESULTS_FOLDER_NAME)
+        if folder and not had_folder:
+            sh.RemoveItem(folder)
+        if backup is not None:
+            segmentation_node.GetSegmentation().DeepCopy(backup)
+        raise
+
+
+def _build_results(scene, files, input_volume_node, reference, restored, labels, lesion, spine_stl,
+                   segmentation_node) -> SceneResults:
+    prefix = input_volume_node.GetName()
+    results = SceneResults()
+    if restored is not None:
+        results.restored_volume = volume_to_node(scene, restored, f"{prefix} restored")
     if lesion is not None and not np.asarray(lesion.array).any():
         lesion = None  # no lesion found: nothing to show
     if labels is not None:
@@ -896,10 +927,10 @@ def load_outputs(
         results.models = models_from_segmentation(
             scene, results.segmentation, results.folder_item, names, suffix=" restored"
         )
-        if files["restored_spine"].is_file():
-            spine = _read_stl(files["restored_spine"])  # LPS, like every STL of the contract
+        if spine_stl is not None:
+            # LPS, like every STL of the contract
             results.models.append(model_node_from_polydata(
-                scene, spine, f"{SPINE_NAME} restored", results.folder_item, coordinate_system="LPS"
+                scene, spine_stl, f"{SPINE_NAME} restored", results.folder_item, coordinate_system="LPS"
             ))
         elif present:
             results.models.append(_merged_model(scene, results.segmentation, present, results.folder_item))

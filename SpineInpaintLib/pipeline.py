@@ -19,6 +19,7 @@ folder beside it and moved into place only when all succeeded, so a failure leav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -32,7 +33,9 @@ import numpy as np
 from SpineInpaintLib import SpineInpaintError, __version__, io
 from SpineInpaintLib.labels import VERTEBRA_NAMES
 
-__all__ = ["RestoreResult", "restore", "write_outputs", "evaluate_restore", "OUTPUT_FILES", "DEFAULT_METHOD"]
+__all__ = ["RestoreResult", "restore", "segment_spine", "detect_lesions", "atomic_folder", "check_output_folder",
+           "write_step_outputs",
+           "write_outputs", "evaluate_restore", "OUTPUT_FILES", "DEFAULT_METHOD"]
 
 #: The output file names: a contract that tests, benchmarks and users rely on.
 OUTPUT_FILES = {
@@ -102,6 +105,106 @@ def _check_lesion_mask(mask: io.Volume | np.ndarray, ct: io.Volume) -> io.Volume
     return ct.with_array((array != 0).astype(np.uint8))
 
 
+def grey_method_for(method: str) -> str:
+    """The method that restores the HU for ``method``: the same one when it has grayscale weights.
+
+    The paper's GANs (WGAN-GP, DCGAN, PGGAN) inpaint binary spine shapes; without shipped grayscale
+    weights for one of them, the vertebra's shape comes from it and the HU inside the lesion from
+    the grayscale context generator (recorded as ``grey_method`` in the report).
+    """
+    from SpineInpaintLib import gan, inpainting
+
+    method = str(method).lower()
+    if method in inpainting.GAN_METHODS and \
+            not gan.default_weights_path(method, "grey", "generator").exists():
+        return "context"
+    return method
+
+
+def segment_spine(ct: io.Volume, seg_net: str = "unet", *, device: str = "cpu", progress: bool = False):
+    """Vertebra labels of a CT, or a one-line :class:`SpineInpaintError` when there is no spine to restore.
+
+    The ``segment`` step of the command line and the first stage of :func:`restore`: the segmenter's
+    warnings (not CT, no spine) become errors, and a segmentation whose largest vertebra is under
+    :data:`MIN_VERTEBRA_ML` counts as no spine. Returns the
+    :class:`~SpineInpaintLib.segmentation.SegmentationResult`.
+    """
+    from SpineInpaintLib import segmentation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # turned into one-line errors below
+        seg = segmentation.segment_volume(ct, seg_net, device=device, progress=progress)
+    if "not_ct" in seg.flags:
+        raise SpineInpaintError(seg.messages[0].split(" -- ")[0])
+    if "no_spine" in seg.flags:
+        raise SpineInpaintError("no spine found in the volume: is it a spine CT?")
+    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
+    counts = np.bincount(seg.labels.array.ravel().astype(np.int64), minlength=51)[25:51]
+    if counts.max() * voxel_ml < MIN_VERTEBRA_ML:
+        raise SpineInpaintError(
+            f"no spine found in the volume: the largest vertebra found holds {counts.max() * voxel_ml:.1f} mL "
+            f"(< {MIN_VERTEBRA_ML:g} mL); is it a spine CT?"
+        )
+    return seg
+
+
+def detect_lesions(ct: io.Volume, labels: io.Volume, *, progress: bool = False) -> tuple[list, io.Volume]:
+    """Lesions found by the shipped detector and their mask on the CT's grid (zeros when none).
+
+    The ``detect`` step of the command line and the second stage of :func:`restore`.
+    """
+    from SpineInpaintLib import detection
+
+    if not labels.same_grid(ct, tol=1e-3) or labels.shape != ct.shape:
+        raise SpineInpaintError("the spine labels are on another grid than the CT; resample them onto the CT first")
+    found, mask = detection.find_lesions(ct, labels, progress=progress)
+    if mask is None:
+        mask = ct.with_array(np.zeros(ct.shape, np.uint8))
+    return found, mask
+
+
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a Path; a one-line error when it exists and is not an empty folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SpineInpaintError(f"output folder {out} exists and is not empty; choose a new one")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike):
+    """Write into a temporary folder beside ``out`` and move it into place only when the block succeeds.
+
+    ``out`` must not exist or be empty; on any error the temporary folder goes and ``out`` is left
+    as it was, so a failed or interrupted run leaves no partial outputs.
+    """
+    out = check_output_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_step_outputs(volumes: dict[str, io.Volume], out: str | os.PathLike, report: dict) -> dict[str, Path]:
+    """Write the ``segment`` / ``detect`` steps' files (contract names of :data:`OUTPUT_FILES`) and
+    ``report.json``, all or nothing."""
+    from SpineInpaintLib.report import write_report_json
+
+    out = Path(out)
+    with atomic_folder(out) as tmp:
+        for key, volume in volumes.items():
+            io.write_volume(volume, tmp / OUTPUT_FILES[key])
+        report["outputs"] = sorted([OUTPUT_FILES[k] for k in volumes] + [OUTPUT_FILES["report_json"]])
+        write_report_json(tmp / OUTPUT_FILES["report_json"], report)
+    return {key: out / OUTPUT_FILES[key] for key in list(volumes) + ["report_json"]}
+
+
 def restore(
     ct: io.Volume,
     lesion_mask: io.Volume | np.ndarray | None = None,
@@ -140,7 +243,7 @@ def restore(
     SpineInpaintError
         Input that is not a CT, a volume without spine, a lesion mask on another grid.
     """
-    from SpineInpaintLib import inpainting, segmentation, surface
+    from SpineInpaintLib import inpainting, surface
     from SpineInpaintLib.report import StageTimer
     from SpineInpaintLib.training import resolve_device, seed_everything
 
@@ -158,21 +261,8 @@ def restore(
     }
 
     with timer.stage("segment"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # turned into one-line errors below
-            seg = segmentation.segment_volume(ct, seg_net, device=dev, progress=progress)
-    if "not_ct" in seg.flags:
-        raise SpineInpaintError(seg.messages[0].split(" -- ")[0])
-    if "no_spine" in seg.flags:
-        raise SpineInpaintError("no spine found in the volume: is it a spine CT?")
+        seg = segment_spine(ct, seg_net, device=dev, progress=progress)
     labels = seg.labels
-    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
-    counts = np.bincount(labels.array.ravel().astype(np.int64), minlength=51)[25:51]
-    if counts.max() * voxel_ml < MIN_VERTEBRA_ML:
-        raise SpineInpaintError(
-            f"no spine found in the volume: the largest vertebra found holds {counts.max() * voxel_ml:.1f} mL "
-            f"(< {MIN_VERTEBRA_ML:g} mL); is it a spine CT?"
-        )
     report["segmentation"] = {"net": seg.net, "levels": [VERTEBRA_NAMES.get(v, str(v)) for v in seg.levels()]}
 
     lesions_found: list = []
@@ -180,11 +270,8 @@ def restore(
         mask = mask_in
         report["lesion_source"] = "given"
     else:
-        from SpineInpaintLib import detection
-
         with timer.stage("detect"):
-            lesions_found, detected = detection.find_lesions(ct, labels, progress=progress)
-        mask = detected if detected is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
+            lesions_found, mask = detect_lesions(ct, labels, progress=progress)
         report["lesion_source"] = "detected"
         report["lesions"] = [lesion.to_dict() if hasattr(lesion, "to_dict") else str(lesion) for lesion in lesions_found]
     report["lesion_voxels"] = int(mask.array.sum())
@@ -196,14 +283,16 @@ def restore(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 binary = inpainting.restore_mask(labels, mask, method=method, seed=seed)
-                grey = inpainting.restore_ct(ct, labels, mask, method=method, seed=seed)
+                grey_method = grey_method_for(method)
+                grey = inpainting.restore_ct(ct, labels, mask, method=grey_method, seed=seed)
             report["warnings"] = [str(w.message) for w in caught]
         if binary.noop is None:
             restored_labels = binary.restored_labels
             restored_levels = list(binary.levels)
         if grey.noop is None:
             restored_ct = grey.restored
-        report["inpainting"] = {"method": method, "slices": binary.slices, "noop": binary.noop,
+        report["inpainting"] = {"method": method, "grey_method": grey_method, "slices": binary.slices,
+                                "noop": binary.noop,
                                 "levels": [VERTEBRA_NAMES.get(v, str(v)) for v in binary.levels]}
     else:
         report["inpainting"] = {"method": method, "slices": 0, "noop": "no lesion found: nothing to restore"}
@@ -290,11 +379,7 @@ def write_outputs(result: RestoreResult, out: str | os.PathLike, *, figure: bool
     from SpineInpaintLib.report import report_figure, write_report_json
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SpineInpaintError(f"output folder {out} exists and is not empty; choose a new one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         start = time.perf_counter()
         io.write_volume(result.restored_ct, tmp / OUTPUT_FILES["restored_ct"])
         io.write_volume(result.spine_labels, tmp / OUTPUT_FILES["spine_seg"])
@@ -313,12 +398,6 @@ def write_outputs(result: RestoreResult, out: str | os.PathLike, *, figure: bool
         result.report["timings"]["write_outputs"] = round(time.perf_counter() - start, 3)
         result.report["outputs"] = sorted(p.name for p in tmp.iterdir()) + [OUTPUT_FILES["report_json"]]
         write_report_json(tmp / OUTPUT_FILES["report_json"], result.report)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {key: out / name for key, name in OUTPUT_FILES.items() if (out / name).exists()}
 
 

@@ -170,7 +170,8 @@ class CropSampler:
     the network also learns to leave ribs, pelvis and contrast alone on the whole slice.
     """
 
-    def __init__(self, cases: Sequence[CachedCase], crop: int = 160, seed: int = 0, augment: bool = True):
+    def __init__(self, cases: Sequence[CachedCase], crop: int = 160, seed: int = 0, augment: bool = True,
+                 real_weight: float = 1.0):
         if not cases:
             raise SpineInpaintError("no training cases")
         self.cases = list(cases)
@@ -178,7 +179,10 @@ class CropSampler:
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.transform = seg.train_transforms(seed) if augment else None
-        weights = np.array([len(c.spine_slices) for c in self.cases], float)
+        # Cases are drawn in proportion to their spine slices; real scans (few, but the anatomy the
+        # phantoms only approximate) can be drawn ``real_weight`` times as often.
+        weights = np.array([len(c.spine_slices) * (real_weight if c.source == "real" else 1.0)
+                            for c in self.cases], float)
         self.weights = weights / weights.sum()
 
     def _crop_at(self, case: CachedCase, z: int, centre: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -261,13 +265,16 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                        max_steps: int | None = None, device: str = "auto", resume: bool = True,
                        val_per_case: int = 12, export: Path | None = None, threads: int | None = None,
                        progress: bool = True, data_note: str = "", phantom_seeds: tuple[int, int] | None = None,
-                       healthy_fraction: float = 0.3, real: Sequence[str] = ()) -> dict:
+                       healthy_fraction: float = 0.3, real: Sequence[str] = (), real_weight: float = 1.0,
+                       init: Path | None = None) -> dict:
     """Train one network on the cached cases; returns a summary (last epoch's metrics, paths).
 
     Writes ``out/checkpoint.pt`` every epoch (resumed from when present and ``resume``),
     ``out/metrics.csv`` (epoch, train/val loss, train/val spine IoU and 2-class mean IoU, lr, seconds),
     ``out/curves.png`` (the paper's Figure 4 layout: loss and IoU per epoch) and
     ``out/<net>.safetensors`` + JSON metadata at the end (also to ``export`` when given).
+    ``init`` starts a fresh run from existing weights (fine-tuning; ignored when resuming), and
+    ``real_weight`` draws real-scan cases that many times as often as their slice count says.
     Under ``torchrun`` each process draws its own crops and DDP averages the gradients; only rank 0
     writes.
     """
@@ -287,7 +294,10 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
     train_cases_, val_cases = assign_splits(cases, folds=folds, fold=fold, seed=seed, train_cases=train_cases)
     if not train_cases_:
         raise SpineInpaintError("no training cases after the split (add cases or change --folds/--fold)")
-    model = ctx.wrap(seg.build_network(net))
+    network = seg.build_network(net)
+    if init is not None and not (resume and (out / "checkpoint.pt").exists()):
+        training.load_weights(network, init)
+    model = ctx.wrap(network)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = seg.segmentation_loss()
     checkpoint = out / "checkpoint.pt"
@@ -307,7 +317,8 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
         if max_steps is not None and steps_done >= max_steps:
             break
         # Seeds per (epoch, rank): a resumed run draws the same crops as an uninterrupted one.
-        sampler = CropSampler(train_cases_, crop=crop, seed=seed * 100_003 + epoch * 101 + ctx.rank)
+        sampler = CropSampler(train_cases_, crop=crop, seed=seed * 100_003 + epoch * 101 + ctx.rank,
+                              real_weight=real_weight)
         current_lr = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, epochs)))
         for group in optimizer.param_groups:
             group["lr"] = current_lr
@@ -370,7 +381,8 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                          "world_size": ctx.world_size, "folds": folds, "fold": fold if folds else None,
                          "train_cases": [c.case_id for c in train_cases_], "val_cases": [c.case_id for c in val_cases],
                          "data": data_note, "phantom_seeds": list(phantom_seeds) if phantom_seeds else None,
-                         "healthy_fraction": healthy_fraction, "real_in_training": list(real)},
+                         "healthy_fraction": healthy_fraction, "real_in_training": list(real),
+                         "real_weight": real_weight, "init": str(init) if init else None},
             "metrics_last_epoch": summary,
         }
         weights = training.save_weights(model, out / f"{net}.safetensors", meta)
@@ -469,6 +481,10 @@ def run_train(args: argparse.Namespace) -> int:
         raise SpineInpaintError(f"--phantoms must be >= 0, got {args.phantoms}")
     if args.crop % 16 or args.crop < 32:
         raise SpineInpaintError(f"--crop must be a multiple of 16 and >= 32, got {args.crop}")
+    if args.real_weight <= 0:
+        raise SpineInpaintError(f"--real-weight must be > 0, got {args.real_weight}")
+    if args.init and not Path(args.init).is_file():
+        raise SpineInpaintError(f"--init weights not found: {args.init}")
     if args.folds == 1 or args.folds < 0:
         raise SpineInpaintError(f"--folds must be 0 (fixed split) or >= 2, got {args.folds}")
     if args.folds and not 0 <= args.fold < args.folds:
@@ -527,7 +543,7 @@ def run_train(args: argparse.Namespace) -> int:
         val_per_case=getattr(args, "val_slices", 12),
         export=Path(args.export) if args.export else None, threads=args.threads, data_note=note,
         phantom_seeds=phantom_seeds, healthy_fraction=args.healthy_fraction,
-        real=real)
+        real=real, real_weight=args.real_weight, init=Path(args.init) if args.init else None)
     if ctx.is_main:
         print(json.dumps(summary, indent=2))
     return 0

@@ -125,3 +125,64 @@ def test_lesion_mask_with_wrong_shape_is_refused(lesion_files):
     sim, _, _ = lesion_files
     with pytest.raises(pipeline.SpineInpaintError, match="shape"):
         pipeline._check_lesion_mask(np.zeros((2, 2, 2)), sim.ct)
+
+
+# --- the Slicer module's first steps: segment and detect -------------------------------------------------
+def test_segment_then_detect_write_their_contract_files(tmp_path, capsys, lesion_files):
+    sim, ct_path, _ = lesion_files
+    before = ct_path.read_bytes()
+    ct = io.read_volume(ct_path)
+    assert cli.main(["segment", str(ct_path), "--out", str(tmp_path / "seg"), "--seed", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == ["report.json", "spine_seg.nii.gz"]
+    spine = io.read_volume(tmp_path / "seg" / "spine_seg.nii.gz")
+    assert spine.same_grid(ct)
+    assert {28, 29, 30} <= set(np.unique(spine.array).tolist())  # L4, L3, L2 of this scan
+    report = json.loads((tmp_path / "seg" / "report.json").read_text())
+    assert report["seed"] == 4 and report["command"] == "segment" and "L3" in report["segmentation"]["levels"]
+
+    assert cli.main(["detect", str(ct_path), "--out", str(tmp_path / "det"),
+                     "--spine-seg", str(tmp_path / "seg" / "spine_seg.nii.gz")]) == 0
+    # The labels were given: only the lesion mask (and the report) is written.
+    assert sorted(p.name for p in (tmp_path / "det").iterdir()) == ["lesion_seg.nii.gz", "report.json"]
+    lesion = io.read_volume(tmp_path / "det" / "lesion_seg.nii.gz")
+    assert lesion.same_grid(ct) and set(np.unique(lesion.array).tolist()) <= {0, 1}
+    report = json.loads((tmp_path / "det" / "report.json").read_text())
+    assert report["lesion_ml"] == pytest.approx(lesion.array.sum() * np.prod(ct.spacing) / 1000.0, abs=1e-3)
+    assert ct_path.read_bytes() == before
+
+
+def test_detect_refuses_spine_labels_on_another_grid(tmp_path, capsys, lesion_files):
+    sim, ct_path, _ = lesion_files
+    coarse = io.resample_to_spacing(io.read_volume(ct_path), (6.0, 6.0, 6.0))
+    io.write_volume(coarse.with_array(np.zeros(coarse.shape, np.uint8)), tmp_path / "labels.nii.gz")
+    assert cli.main(["detect", str(ct_path), "--out", str(tmp_path / "out"),
+                     "--spine-seg", str(tmp_path / "labels.nii.gz")]) == 2
+    _one_line_error(capsys, "spine labels are on another grid")
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_refuses_an_image_that_is_not_ct(tmp_path, capsys):
+    blank = io.Volume(np.zeros((20, 64, 64), np.int16), spacing=(1.0, 1.0, 2.0))
+    path = io.write_volume(blank, tmp_path / "blank.nii.gz")
+    assert cli.main(["segment", str(path), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "does not look like CT")
+    assert not (tmp_path / "out").exists()
+
+
+def test_grey_method_falls_back_to_the_context_generator_only_without_grey_weights():
+    for method in ("wgan-gp", "dcgan", "pggan"):
+        assert pipeline.grey_method_for(method) == "context"  # no grayscale weights shipped for the paper's GANs
+    for method in ("context", "biharmonic", "nearest"):
+        assert pipeline.grey_method_for(method) == method
+
+
+@pytest.mark.slow
+def test_the_papers_gans_restore_the_ct_with_the_grey_context_generator(lesion_files):
+    # WGAN-GP has binary weights only: it restores the vertebra's shape, the context generator the HU.
+    sim, ct_path, mask_path = lesion_files
+    result = pipeline.restore(io.read_volume(ct_path), io.read_volume(mask_path), method="wgan-gp", seed=2)
+    assert result.report["inpainting"]["method"] == "wgan-gp"
+    assert result.report["inpainting"]["grey_method"] == pipeline.grey_method_for("wgan-gp") == "context"
+    assert [v["level"] for v in result.report["restored_vertebrae"]] == ["L3"]
+    inside = sim.mask.array > 0
+    assert not np.array_equal(result.restored_ct.array[inside], sim.ct.array[inside])

@@ -70,7 +70,8 @@ def class_node(name: str) -> ast.ClassDef:
 
 
 # --- the module file and its .ui -----------------------------------------------------------------
-@pytest.mark.parametrize("path", [MODULE_FILE, BATCH_FILE, MODULE_DIR / "SpineInpaintModuleLib" / "steps.py"],
+@pytest.mark.parametrize("path", [MODULE_FILE, BATCH_FILE, MODULE_DIR / "SpineInpaintModuleLib" / "steps.py",
+                                  MODULE_DIR / "SpineInpaintModuleLib" / "runner.py"],
                          ids=lambda p: p.name)
 def test_python_files_compile(path, tmp_path):
     py_compile.compile(str(path), cfile=str(tmp_path / "out.pyc"), doraise=True)
