@@ -258,12 +258,14 @@ def clean_mask(mask: np.ndarray, spacing_zyx: Sequence[float], *, min_ml: float 
 
 
 def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Sequence[float], *,
-                    core_mm: float = 5.0, min_core_ml: float = 0.8, max_lateral_mm: float = 35.0) -> np.ndarray:
+                    core_mm: float = 5.0, min_core_ml: float = 0.8, max_lateral_mm: float = 35.0,
+                    flood: str = "geodesic") -> np.ndarray:
     """Split a 3D spine mask (LPS grid, slices inferior to superior) into numbered vertebrae.
 
     The vertebral bodies are the thick parts of the mask: the connected components of the voxels
-    deeper than ``core_mm`` inside it, separated by the discs, seed a watershed of the distance map
-    that hands every mask voxel connected to them to one vertebra (cores more than ``max_lateral_mm``
+    deeper than ``core_mm`` inside it, separated by the discs, seed a flooding (``flood``:
+    ``'geodesic'``, breadth-first inside the mask, default; or ``'distance'``, a watershed of the
+    distance map) that hands every mask voxel connected to them to one vertebra (cores more than ``max_lateral_mm``
     from the column's mid-line, e.g. an iliac wing taken for spine, seed nothing). The vertebrae, ordered along the slices, get
     consecutive TotalSegmentator ids (sacrum with S1, L5, L4, ...), the offset of the sequence chosen
     to agree best with the network's per-voxel level scores; inside the sacrum-and-S1 segment each
@@ -311,7 +313,15 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
         # No vertebral body thick enough (a thin or partial scan): per-voxel network levels.
         classes = np.argmax(scores[1:], axis=0) + 1
         return np.where(mask, np.asarray(CLASS_IDS, np.uint8)[classes], 0).astype(np.uint8)
-    segments = watershed(-dist, cores, mask=mask)
+    if flood == "geodesic":
+        # Breadth-first flooding from the bodies inside the mask (face-connected steps): each voxel
+        # goes to the body it reaches in the fewest steps through bone (the pedicles) rather than
+        # across a facet joint. Against flooding the distance map: real scan L3 Dice 0.81 -> 0.90,
+        # held-out phantoms unchanged (mean per-vertebra Dice 0.885 vs 0.886 on four); repeating
+        # thick slices to make the steps isotropic in mm was worse on the real scan.
+        segments = watershed(np.zeros(mask.shape, np.uint8), cores, mask=mask)
+    else:
+        segments = watershed(-dist, cores, mask=mask)
     # Order along the column by the centroid of each core (slices run inferior to superior).
     z_centre = ndimage.mean(np.arange(mask.shape[0])[:, None, None] * np.ones_like(cores), cores, np.arange(1, n + 1))
     order = np.argsort(z_centre)

@@ -149,6 +149,24 @@ def test_module_cmake_lists_every_script_and_resource():
     assert re.search(r"slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text)
 
 
+def test_the_extension_ships_the_weights_where_the_library_looks_for_them():
+    # CMake copies SpineInpaintLib/*.py and Resources/**/*.{safetensors,json} side by side into the
+    # scripted-modules folder; the library resolves every weight file as ../Resources/<stage>/.
+    from SpineInpaintLib import detection, gan, segmentation
+
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "${_library_source_dir}/SpineInpaintLib/*.py" in text
+    assert "${_library_source_dir}/Resources/*.safetensors" in text and "${_library_source_dir}/Resources/*.json" in text
+    library_parent = REPO
+    for path in (segmentation.default_weights("unet"), segmentation.default_weights("vnet"),
+                 detection.DEFAULT_WEIGHTS, gan.default_weights_path("wgan-gp", "binary", "generator"),
+                 gan.default_weights_path("context", "grey", "generator")):
+        assert path.is_file(), path
+        assert path.relative_to(library_parent).parts[0] == "Resources", path
+        assert path.with_suffix(".json").is_file(), path
+        assert path.stat().st_size < 40 * 2**20, path
+
+
 def test_extension_cmake_and_catalog_entry_agree():
     text = (REPO / "CMakeLists.txt").read_text()
     meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', text))
