@@ -262,6 +262,30 @@ def test_train_resume_and_weights_roundtrip(tiny_cache, tmp_path):
         st.train_segmentation("unet", out, tiny_cache, epochs=3, **{**kwargs, "seed": 4})
 
 
+def test_init_starts_from_given_weights_and_records_them(tiny_cache, tmp_path):
+    kwargs = dict(steps_per_epoch=1, batch_size=2, crop=32, seed=3, threads=1, progress=False, val_per_case=2)
+    st.train_segmentation("unet", tmp_path / "a", tiny_cache, epochs=1, **kwargs)
+    source = tmp_path / "a" / "unet.safetensors"
+    # No training step at all: the exported weights are exactly the ones it started from.
+    st.train_segmentation("unet", tmp_path / "b", tiny_cache, epochs=1, max_steps=0, init=source, **kwargs)
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(source)), load_file(str(tmp_path / "b" / "unet.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "b" / "unet.json").read_text())
+    assert meta["training"]["init"] == str(source) and meta["training"]["real_weight"] == 1.0
+
+
+def test_real_weight_draws_real_scans_more_often(tiny_cache):
+    cases = st.load_cache(tiny_cache)
+    cases[0].source = "real"
+    plain = st.CropSampler(cases, crop=32, augment=False).weights
+    heavy = st.CropSampler(cases, crop=32, augment=False, real_weight=4.0).weights
+    share = lambda w: w[0] / w.sum()  # noqa: E731
+    odds = lambda p: p / (1 - p)  # noqa: E731
+    assert odds(share(heavy)) == pytest.approx(4.0 * odds(share(plain)))
+
+
 def test_cli_train_segmentation_single_process(tiny_cache, tmp_path, capsys):
     out = tmp_path / "cli"
     code = cli_main(["train", "segmentation", "--net", "vnet", "--cache", str(tiny_cache), "--phantoms", "0",
@@ -279,6 +303,10 @@ def test_cli_train_rejects_bad_arguments(capsys):
     assert cli_main(["train", "segmentation", "--folds", "10", "--fold", "10"]) == 2
     assert "--fold must be in [0, 9]" in capsys.readouterr().err
     assert cli_main(["train"]) == 2
+    assert cli_main(["train", "segmentation", "--real-weight", "0"]) == 2
+    assert "--real-weight must be > 0" in capsys.readouterr().err
+    assert cli_main(["train", "segmentation", "--init", "missing.safetensors"]) == 2
+    assert "--init weights not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow
