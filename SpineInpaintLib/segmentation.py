@@ -259,7 +259,7 @@ def clean_mask(mask: np.ndarray, spacing_zyx: Sequence[float], *, min_ml: float 
 
 def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Sequence[float], *,
                     core_mm: float = 5.0, min_core_ml: float = 0.8, max_lateral_mm: float = 35.0,
-                    flood: str = "geodesic") -> np.ndarray:
+                    flood: str = "geodesic", attach_mm: float = 6.0, keep_ml: float = 5.0) -> np.ndarray:
     """Split a 3D spine mask (LPS grid, slices inferior to superior) into numbered vertebrae.
 
     The vertebral bodies are the thick parts of the mask: the connected components of the voxels
@@ -269,7 +269,9 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
     from the column's mid-line, e.g. an iliac wing taken for spine, seed nothing). The vertebrae, ordered along the slices, get
     consecutive TotalSegmentator ids (sacrum with S1, L5, L4, ...), the offset of the sequence chosen
     to agree best with the network's per-voxel level scores; inside the sacrum-and-S1 segment each
-    voxel takes the better of the two ids.
+    voxel takes the better of the two ids. Pieces of the mask that no body reaches take the nearest
+    vertebra when they come within ``attach_mm`` of one, or hold ``keep_ml`` or more within
+    ``max_lateral_mm`` of the column, and are left out (0) otherwise.
 
     Parameters
     ----------
@@ -322,6 +324,23 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
         segments = watershed(np.zeros(mask.shape, np.uint8), cores, mask=mask)
     else:
         segments = watershed(-dist, cores, mask=mask)
+    # Bone the flooding could not reach is joined to no vertebral body. A piece that touches a
+    # vertebra within ``attach_mm`` (a posterior element cut off by a thin gap) or is as large as
+    # a vertebra (``keep_ml``) and central (spine the network saw too thin to hold a core) takes the nearest
+    # vertebra; a small piece farther away (a rib end, an iliac crest, a calcification) is not spine.
+    unreached = mask & (segments == 0)
+    if unreached.any():
+        gap, nearest = ndimage.distance_transform_edt(segments == 0, sampling=spacing_zyx, return_indices=True)
+        pieces, n_pieces = ndimage.label(unreached, structure=np.ones((3, 3, 3), bool))
+        index = np.arange(1, n_pieces + 1)
+        touching = ndimage.minimum(gap, pieces, index) <= attach_mm
+        large = ndimage.sum_labels(unreached, pieces, index) * voxel_ml >= keep_ml
+        # ... and on the column's mid-line, as the bodies are (an iliac wing is not).
+        x_of = np.broadcast_to(np.arange(mask.shape[2]) * spacing_zyx[2], mask.shape)
+        column_x = float(np.mean(x_of[cores > 0]))
+        central = np.abs(ndimage.mean(x_of, pieces, index) - column_x) <= max_lateral_mm
+        take = np.concatenate([[False], touching | (large & central)])[pieces]
+        segments[take] = segments[tuple(i[take] for i in nearest)]
     # Order along the column by the centroid of each core (slices run inferior to superior).
     z_centre = ndimage.mean(np.arange(mask.shape[0])[:, None, None] * np.ones_like(cores), cores, np.arange(1, n + 1))
     order = np.argsort(z_centre)
@@ -356,15 +375,17 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
 
 
 # --- training pieces (MONAI transforms and loss) -------------------------------------------------
-def train_transforms(seed: int = 0):
+def train_transforms(seed: int = 0, low_resolution: float = 0.0):
     """MONAI augmentation of a 2.5D crop: dict ``{'image': (4, H, W), 'label': (1, H, W)}``.
 
     Affine jitter (rotation +-10 deg, scale +-10 %, shear), left-right flips (the level of a
     vertebra does not depend on the side), intensity scale and shift (other scanners' calibration and
-    kernels), Gaussian noise and blur.
+    kernels), Gaussian noise and blur, and (``low_resolution`` > 0, that probability) a coarser scan:
+    the crop down-sampled to 40-100 % of its pixels and back (3-4 mm pixels at most), as thick-slice
+    clinical CT looks on the 1.5 mm grid.
     """
     from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised, RandGaussianSmoothd,
-                                  RandScaleIntensityd, RandShiftIntensityd)
+                                  RandScaleIntensityd, RandShiftIntensityd, RandSimulateLowResolutiond)
 
     keys = ("image", "label")
     transform = Compose([
@@ -375,7 +396,8 @@ def train_transforms(seed: int = 0):
         RandShiftIntensityd("image", offsets=0.04, prob=0.3),
         RandGaussianSmoothd("image", sigma_x=(0.25, 0.8), sigma_y=(0.25, 0.8), prob=0.2),
         RandGaussianNoised("image", std=0.015, prob=0.3),
-    ])
+    ] + ([RandSimulateLowResolutiond("image", prob=float(low_resolution), downsample_mode="area",
+                                     upsample_mode="bilinear", zoom_range=(0.4, 1.0))] if low_resolution > 0 else []))
     transform.set_random_state(seed=int(seed) % 2**32)
     return transform
 
@@ -570,6 +592,14 @@ def segment_volume(ct: io.Volume, net: str = "unet", *, model=None, weights: str
     grid_labels = np.zeros(mask.shape, np.uint8)
     if per_vertebra and mask.any():
         grid_labels = split_vertebrae(mask, probs, spacing_zyx)
+        # Pieces that belong to no vertebra leave the spine mask too (else the nearest label would
+        # be handed to them on the input grid).
+        detached = mask & (grid_labels == 0)
+        if detached.any() and grid_labels.any():
+            kept = mask & ~detached
+            removed = ndimage.binary_dilation(detached, iterations=1) & ~ndimage.binary_dilation(kept, iterations=1)
+            spine_prob[detached | removed] = 0.0
+            mask = kept
     else:
         grid_labels[mask] = 1
     timings["postprocess"] = time.perf_counter() - t

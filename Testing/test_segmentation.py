@@ -286,6 +286,19 @@ def test_real_weight_draws_real_scans_more_often(tiny_cache):
     assert odds(share(heavy)) == pytest.approx(4.0 * odds(share(plain)))
 
 
+def test_low_resolution_augmentation_blurs_the_image_only():
+    rng = np.random.default_rng(0)
+    image = rng.random((4, 64, 64)).astype(np.float32)
+    label = (rng.random((1, 64, 64)) > 0.5).astype(np.float32)
+    out = seg.train_transforms(0, low_resolution=1.0).transforms[-1]({"image": image, "label": label})
+    coarse = np.asarray(out["image"])
+    assert coarse.shape == image.shape
+    np.testing.assert_array_equal(np.asarray(out["label"]), label)
+    # Down-sampling then up-sampling removes fine detail: less variance between neighbouring pixels.
+    assert np.abs(np.diff(coarse, axis=-1)).mean() < 0.8 * np.abs(np.diff(image, axis=-1)).mean()
+    assert len(seg.train_transforms(0).transforms) == len(seg.train_transforms(0, 0.3).transforms) - 1
+
+
 def test_cli_train_segmentation_single_process(tiny_cache, tmp_path, capsys):
     out = tmp_path / "cli"
     code = cli_main(["train", "segmentation", "--net", "vnet", "--cache", str(tiny_cache), "--phantoms", "0",

@@ -209,7 +209,7 @@ def contract_restore_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--lesion-mask")
     parser.add_argument("--device", choices=["cpu", "cuda"])
-    parser.add_argument("--method", choices=["wgan-gp", "dcgan", "pggan", "biharmonic"])
+    parser.add_argument("--method", choices=["context", "wgan-gp", "dcgan", "pggan", "biharmonic"])
 
 
 def test_steps_missing_from_the_library_say_so(steps, monkeypatch):
@@ -234,7 +234,7 @@ def test_restore_command_parses_with_the_contract(steps, monkeypatch):
     assert (args.ct, args.out, args.lesion_mask, args.device, args.method) == (
         "in.nii.gz", "outdir", "lesion.nii.gz", "cuda", "pggan")
     auto = steps.build_command("restore", "python", "in.nii.gz", "outdir")
-    assert "--device" not in auto and auto[-2:] == ["--method", "wgan-gp"]
+    assert "--device" not in auto and auto[-2:] == ["--method", "context"]
 
 
 def test_options_the_library_lacks_are_refused(steps, monkeypatch):
