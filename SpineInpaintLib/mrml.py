@@ -28,6 +28,7 @@ import numpy as np
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib import labels as _labels
 from SpineInpaintLib.io import Volume
+from SpineInpaintLib.pipeline import OUTPUT_FILES  # the command line's output names: one contract
 
 __all__ = [
     "Code",
@@ -800,16 +801,6 @@ def parameter_node(scene, module_name: str = "SpineInpaint"):
 
 
 # --- the command line's outputs into the scene ---------------------------------------------------
-#: Output files of ``python -m SpineInpaintLib restore`` (the contract in DESIGN.md).
-OUTPUT_FILES = {
-    "restored_ct": "restored_ct.nii.gz",
-    "spine_seg": "spine_seg.nii.gz",
-    "lesion_seg": "lesion_seg.nii.gz",
-    "restored_seg": "restored_seg.nii.gz",
-    "restored_spine": "restored_spine.stl",
-}
-
-
 @dataclasses.dataclass
 class SceneResults:
     """What :func:`load_outputs` put into the scene."""

@@ -57,16 +57,17 @@ class StepRunner:
         self.lesion_name = lesion_name
 
     # --- inputs ----------------------------------------------------------------------------------
-    def has_lesion(self, segmentation_node, input_node) -> bool:
-        """True when the segmentation has a non-empty lesion segment (an empty one means: detect)."""
+    def lesion_mask(self, segmentation_node, input_node):
+        """The drawn lesion segment as a mask on the input grid, or None when there is none or it is
+        empty (an empty one means: detect)."""
         from SpineInpaintLib import mrml
 
         if segmentation_node is None:
-            return False
+            return None
         if not segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(self.lesion_name):
-            return False
+            return None
         mask = mrml.lesion_mask_from_segmentation(segmentation_node, input_node, self.lesion_name, allow_empty=True)
-        return bool(mask.array.any())
+        return mask if mask.array.any() else None
 
     @staticmethod
     def vertebra_segments(segmentation_node) -> list[str]:
@@ -99,7 +100,8 @@ class StepRunner:
         out_dir = work_dir / "out"
         try:
             lesion_path = spine_path = None
-            if step_key == "restore" and self.has_lesion(segmentation_node, input_node):
+            lesion = self.lesion_mask(segmentation_node, input_node) if step_key == "restore" else None
+            if lesion is not None:
                 lesion_path = work_dir / "lesion_mask.nii.gz"
             vertebrae = self.vertebra_segments(segmentation_node) if step_key == "detect" else []
             if vertebrae:
@@ -108,9 +110,8 @@ class StepRunner:
             command = steps.build_command(step_key, self.python, input_path, out_dir, lesion_path,
                                           method=method, device=device, spine_labels=spine_path)
             io.write_volume(mrml.volume_from_node(input_node), input_path)
-            if lesion_path is not None:
-                mask = mrml.lesion_mask_from_segmentation(segmentation_node, input_node, self.lesion_name)
-                io.write_volume(mask, lesion_path)
+            if lesion is not None:
+                io.write_volume(lesion, lesion_path)
             if spine_path is not None:
                 labels, _ = mrml.labels_from_segmentation(segmentation_node, input_node, vertebrae)
                 io.write_volume(labels, spine_path)
