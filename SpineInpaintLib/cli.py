@@ -310,6 +310,8 @@ def _add_run_control(parser: argparse.ArgumentParser) -> None:
 def _add_train_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=("retinanet", "faster_rcnn"), default="retinanet",
                         help="MONAI RetinaNet (default) or the paper's Faster R-CNN VGG-16 baseline")
+    parser.add_argument("--backbone", choices=("base", "small"), default="base",
+                        help="RetinaNet backbone preset (detection.RETINANET_PRESETS; default base)")
     parser.add_argument("--out", help="run folder: last.pt, best.safetensors + .json, metrics.csv, curves.png "
                         "(default runs/detection/<arch>)")
     parser.add_argument("--cache", default="runs/detection/data",
@@ -342,6 +344,11 @@ def _add_evaluate_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deeplesion", help="also score the test-split bone lesions of this DeepLesion-format folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-volume", action="store_true", help="skip the volume-level evaluation")
+    parser.add_argument("--tune", action="store_true",
+                        help="tune RetinaNet's volume-level thresholds on the validation volumes first "
+                        "(else those in its weights' JSON)")
+    parser.add_argument("--save-thresholds", action="store_true",
+                        help="with --tune: write the tuned thresholds into the RetinaNet weights' JSON")
     parser.add_argument("--figures",
                         help="write detection_froc.png and detection_examples.png here (e.g. docs)")
     parser.add_argument("--json", help="also write every number to this JSON file")

@@ -7,10 +7,13 @@ an instance mask of its lesions (0 background, 1..K lesions) from which the boxe
 after every augmentation, so a rotated lesion keeps a tight box. Sources:
 
 - simulated lesions (:mod:`SpineInpaintLib.lesions`) on phantoms and the real scan(s), through
-  :mod:`SpineInpaintLib.datasets` cases; a slice is positive where the tumour
-  (``SimulatedLesion.lesion_mask``, intra- and extra-osseous) is at least ``MIN_BOX_MM`` wide and
-  high, negative where the spine holds no tumour; slices with a thinner sliver of tumour (the lesion's
-  top and bottom) are left out, as neither a fair positive nor a fair negative;
+  :mod:`SpineInpaintLib.datasets` cases; a slice is positive where the tumour's bone part
+  (``SimulatedLesion.bone_destroyed``, the tumour inside the healthy vertebra) is at least
+  ``MIN_BOX_MM`` wide and high, and the box is that part's; negative where the slice holds no tumour;
+  slices with a thinner sliver of tumour in bone (the lesion's top and bottom) or with tumour outside
+  bone only are left out, as neither a fair positive nor a fair negative (the extra-osseous mass of a
+  destructive lesion has soft-tissue HU, nothing to see at these windows, and is not what the
+  inpainter restores);
 - DeepLesion-format folders (``DL_info.csv``, coarse type 1 = bone): each key slice with its
   boxes (filled rectangles as masks), centred on our ``Masks_png`` spine labels when present, else on
   the lesion with a random shift.
@@ -170,19 +173,23 @@ def samples_from_case(case: datasets.Case, *, rng: np.random.Generator, negative
     lesion = case.lesion
     if lesion is not None:
         tumour = io.reorient(lesion.lesion_mask, "LPS").array > 0
+        # The box is the tumour's bone part: an extra-osseous mass has soft-tissue HU and no edge to
+        # see at these windows, and the inpainter restores the vertebra's part only.
+        bone = io.reorient(lesion.bone_destroyed, "LPS").array > 0
     else:
-        tumour = np.zeros(ct.shape, bool)
+        tumour = bone = np.zeros(ct.shape, bool)
     spine = datasets.spine_mask(labels) > 0
     spacing_yx = ct.spacing_zyx[1:]
     offset = det.neighbour_offset(ct.spacing_zyx[0])
     positives, negatives = [], []
     for z in np.nonzero(spine.any(axis=(1, 2)))[0]:
         if tumour[z].any():
-            rows, cols = np.nonzero(tumour[z])
-            h = (rows.max() - rows.min() + 1) * spacing_yx[0]
-            w = (cols.max() - cols.min() + 1) * spacing_yx[1]
-            if min(h, w) >= min_box_mm:
-                positives.append(int(z))
+            if bone[z].any():
+                rows, cols = np.nonzero(bone[z])
+                h = (rows.max() - rows.min() + 1) * spacing_yx[0]
+                w = (cols.max() - cols.min() + 1) * spacing_yx[1]
+                if min(h, w) >= min_box_mm:
+                    positives.append(int(z))
         else:
             negatives.append(int(z))
     if max_positives is not None and len(positives) > max_positives:
@@ -199,7 +206,7 @@ def samples_from_case(case: datasets.Case, *, rng: np.random.Generator, negative
     images, masks, meta = [], [], []
     for z in positives + negatives:
         centre = det.spine_centre(spine[z])
-        image, mask, elapsed = _crop_pair(det.slice_stack(ct.array, z, offset), tumour[z].astype(np.uint8),
+        image, mask, elapsed = _crop_pair(det.slice_stack(ct.array, z, offset), bone[z].astype(np.uint8),
                                           centre, spacing_yx, size)
         images.append(image)
         masks.append(mask)
@@ -381,6 +388,7 @@ class TrainConfig:
     """Settings of :func:`train_detector` (recorded in the outputs)."""
 
     arch: str = "retinanet"
+    backbone: str = "base"
     out: str = "runs/detection/retinanet"
     cache: str = "runs/detection/data"
     phantoms: int = 28
@@ -494,7 +502,10 @@ def train_detector(config: TrainConfig) -> dict:
     seed = training.seed_everything(config.seed + ctx.rank)
     out = Path(config.out)
     train, val = training_data(config, ctx)
-    detector = det.Detector(config.arch, device=str(ctx.device))
+    if config.arch == "retinanet" and config.backbone not in det.RETINANET_PRESETS:
+        raise SpineInpaintError(f"unknown RetinaNet backbone '{config.backbone}' "
+                                f"(use {' or '.join(det.RETINANET_PRESETS)})")
+    detector = det.Detector(config.arch, device=str(ctx.device), config=_architecture(config))
     model = ctx.wrap(detector.model, find_unused_parameters=True)
     detector.model = model
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.default_lr(),
@@ -572,6 +583,10 @@ def train_detector(config: TrainConfig) -> dict:
     return summary
 
 
+def _architecture(config: TrainConfig) -> dict | None:
+    return det.RETINANET_PRESETS[config.backbone] if config.arch == "retinanet" else None
+
+
 def _metadata(config: TrainConfig, seed: int, best: dict, train: SampleSet, val: SampleSet) -> dict:
     sources: dict[str, int] = {}
     for m in train.meta:
@@ -579,7 +594,7 @@ def _metadata(config: TrainConfig, seed: int, best: dict, train: SampleSet, val:
     return {
         "name": f"SpineInpaint lesion detector ({config.arch})",
         "arch": config.arch,
-        "architecture": det.RETINANET_CONFIG if config.arch == "retinanet" else det.FASTER_RCNN_CONFIG,
+        "architecture": _architecture(config) if config.arch == "retinanet" else det.FASTER_RCNN_CONFIG,
         "input": {"channels": "slices z - d, z, z + d (d = max(1, round(2 mm / slice spacing)))",
                   "size": [det.CROP_SIZE, det.CROP_SIZE], "pixel_mm": det.GRID_MM,
                   "centre": "centroid of the spine mask on the slice", "window_hu": list(det.WINDOW),
@@ -666,6 +681,61 @@ def evaluate_detection(detectors: dict[str, det.Detector], *, phantoms: int = 15
     return result
 
 
+def slim_case(case: datasets.Case) -> datasets.Case:
+    """A case holding only what the detection evaluation reads (dozens of 512x512 volumes stay in memory)."""
+    import types
+
+    les = case.lesion
+    if les is not None:
+        les = types.SimpleNamespace(lesion_type=les.lesion_type, destructive=les.destructive, level=les.level,
+                                    lesion_mask=les.lesion_mask, bone_destroyed=les.bone_destroyed,
+                                    healthy_labels=case.labels)
+    return datasets.Case(case.case_id, case.ct, case.ct, case.labels, les, case.source, case.seed, {})
+
+
+def tune_volume_level(detector: det.Detector, cases: Sequence[datasets.Case], *,
+                      score_thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                      slice_thresholds: Sequence[float] = (0.2, 0.3, 0.5), min_slices: Sequence[int] = (2, 3, 4),
+                      fp_weight: float = 0.5) -> dict:
+    """Volume-level thresholds of :func:`detection.detect_volume` for one detector, tuned on ``cases``.
+
+    Every combination of the three thresholds (slice threshold <= score threshold) is scored on the
+    cases' volumes by sensitivity minus ``fp_weight`` times the mean false lesions per volume (a hit
+    as :func:`volume_hits`); the best wins, ties to the higher score threshold. The network runs once
+    per volume. Returns ``{"chosen": {...}, "grid": [...], "cases": [...]}``.
+    """
+    if not cases:
+        raise SpineInpaintError("no validation volume to tune the thresholds on")
+    per = []
+    for case in cases:
+        ct_lps = io.reorient(case.ct, "LPS")
+        spine = io.reorient(case.labels, "LPS")
+        spine = spine.with_array(det.spine_binary(spine.array).astype(np.uint8))
+        per_slice = det.detect_slices(ct_lps, spine, detector, score_threshold=min(slice_thresholds))
+        per.append((case, ct_lps, spine, per_slice, truth_box_3d(case)))
+    grid = []
+    for st in score_thresholds:
+        for sl in slice_thresholds:
+            if sl > st:
+                continue
+            for ms in min_slices:
+                rows = []
+                for case, ct_lps, spine, per_slice, truth in per:
+                    found = det.lesions_from_slices(per_slice, ct_lps, spine, score_threshold=st,
+                                                    slice_threshold=sl, min_slices=ms)
+                    tp, fp = volume_hits(found, truth)
+                    rows.append({"lesion": case.lesion.lesion_type if case.lesion else "none",
+                                 "true_positive": tp, "false_positives": fp})
+                summary = summarise_volume_rows(rows)
+                summary.pop("cases", None)
+                summary["objective"] = summary["sensitivity"] - fp_weight * float(
+                    np.mean([r["false_positives"] for r in rows]))
+                grid.append({"score_threshold": float(st), "slice_threshold": float(sl), "min_slices": int(ms),
+                             **summary})
+    best = max(grid, key=lambda g: (g["objective"], g["score_threshold"]))
+    return {"chosen": best, "grid": grid, "cases": [c.case_id for c in cases], "fp_weight": fp_weight}
+
+
 def _mean(values: list) -> float:
     return float(np.mean(values)) if values else float("nan")
 
@@ -673,7 +743,9 @@ def _mean(values: list) -> float:
 def truth_box_3d(case: datasets.Case) -> np.ndarray | None:
     if case.lesion is None:
         return None
-    mask = io.reorient(case.lesion.lesion_mask, "LPS").array > 0
+    mask = io.reorient(case.lesion.bone_destroyed, "LPS").array > 0
+    if not mask.any():
+        mask = io.reorient(case.lesion.lesion_mask, "LPS").array > 0
     zz, yy, xx = np.nonzero(mask)
     return np.array([[xx.min(), yy.min(), zz.min(), xx.max() + 1, yy.max() + 1, zz.max() + 1]], float)
 
@@ -839,7 +911,7 @@ def run_train(args) -> int:
     import shutil
 
     out = args.out or f"runs/detection/{args.arch}"
-    config = TrainConfig(arch=args.arch, out=out, cache=args.cache, phantoms=args.phantoms,
+    config = TrainConfig(arch=args.arch, backbone=args.backbone, out=out, cache=args.cache, phantoms=args.phantoms,
                          healthy_phantoms=args.healthy_phantoms, real=args.real,
                          val_phantoms=args.val_phantoms, val_real=args.val_real, deeplesion=args.deeplesion,
                          epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
@@ -872,11 +944,35 @@ def run_evaluate(args) -> int:
     else:
         print(f"note: no Faster R-CNN weights at {baseline}; train them with "
               "'python -m SpineInpaintLib train detection --arch faster_rcnn' to compare")
+    retinanet = detectors["RetinaNet (MONAI, ours)"]
+    volume_options, tuning = None, None
+    if args.tune and not args.no_volume:
+        val_cases = [slim_case(c) for c in make_detection_cases("val", phantoms=6, real=6, healthy_phantoms=3)]
+        tuning = tune_volume_level(retinanet, val_cases)
+        volume_options = {k: tuning["chosen"][k] for k in ("score_threshold", "slice_threshold", "min_slices")}
+        print(f"volume-level thresholds tuned on {len(val_cases)} validation volumes: {volume_options} "
+              f"(sensitivity {tuning['chosen']['sensitivity']:.2f}, "
+              f"{tuning['chosen']['fp_per_lesioned_volume']:.2f} / {tuning['chosen']['fp_per_healthy_volume']:.2f} "
+              "false lesions per lesioned / healthy volume)")
+    cases = None if args.no_volume else [
+        slim_case(c) for c in make_detection_cases("test", phantoms=args.phantoms, real=args.real,
+                                                   healthy_phantoms=args.healthy_phantoms, healthy_real=True)]
     result = evaluate_detection(detectors, phantoms=args.phantoms, real=args.real,
                                 healthy_phantoms=args.healthy_phantoms, deeplesion=args.deeplesion,
                                 seed=args.seed, volume_level=not args.no_volume, progress=not args.quiet,
-                                figures=args.figures)
-    result["command"] = "evaluate detection"
+                                figures=args.figures, cases=cases, volume_options=volume_options)
+    result["command"] = "evaluate detection" + (" --tune" if tuning else "")
+    if tuning:
+        result["volume_tuning"] = tuning
+        if args.save_thresholds:
+            path = Path(args.retinanet or det.DEFAULT_WEIGHTS).with_suffix(".json")
+            meta = json.loads(path.read_text())
+            meta["volume_level"] = {**volume_options, "tuned_on": ", ".join(tuning["cases"]),
+                                    "objective": f"sensitivity - {tuning['fp_weight']} x false lesions per volume",
+                                    "test": {k: result["volume_level"][k] for k in
+                                             ("sensitivity", "fp_per_lesioned_volume", "fp_per_healthy_volume")}}
+            path.write_text(json.dumps(meta, indent=2))
+            print(f"thresholds written to {path}")
     result["threads"] = torch.get_num_threads()
     print(format_evaluation(result))
     if args.json:

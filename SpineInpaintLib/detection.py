@@ -64,6 +64,7 @@ __all__ = [
     "crop_to_source",
     "source_to_crop",
     "normalise",
+    "RETINANET_PRESETS",
     "build_retinanet",
     "build_faster_rcnn",
     "Detector",
@@ -72,6 +73,7 @@ __all__ = [
     "detect_slices",
     "link_detections",
     "spine_binary",
+    "volume_thresholds",
     "detect_volume",
     "lesions_from_slices",
     "lesion_mask_from_detections",
@@ -93,9 +95,8 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "Resources" / "detect
 #: The paper's result (Miao et al., Sec. III.B): Faster R-CNN VGG-16 on 282 DeepLesion bone slices.
 PAPER_RESULT = {"detector": "paper: Faster R-CNN VGG-16", "ap50": 0.7688, "images_per_s": 60.33,
                 "device": "GPU", "data": "DeepLesion bone lesions, 512x512"}
-#: Volume-level thresholds (:func:`detect_volume`), tuned for the shipped weights on the validation volumes
-#: (6 lesioned and 3 healthy phantoms, 6 lesions on the real scan): the best of sensitivity minus half
-#: the false positives per volume over a grid (see ``volume_level`` in the weights' JSON).
+#: Volume-level thresholds (:func:`detect_volume`) for weights whose JSON has no ``volume_level``
+#: (those tuned for each weights file on the validation volumes, ``evaluate detection --tune``, win).
 VOLUME_SCORE_THRESHOLD = 0.9
 VOLUME_SLICE_THRESHOLD = 0.5
 VOLUME_MIN_SLICES = 3
@@ -189,15 +190,29 @@ def normalise(hu: np.ndarray, window: Sequence[float] = WINDOW) -> np.ndarray:
 
 
 # --- networks ---------------------------------------------------------------------------------------
-#: RetinaNet configuration (recorded in the weights' metadata).
-RETINANET_CONFIG = {
-    "block_inplanes": (24, 48, 96, 192),
-    "layers": (1, 1, 1, 1),
-    "returned_layers": (2, 3),
-    "fpn_channels": 64,
-    "feature_map_scales": (1, 2, 4),
-    "base_anchor_shapes": ((14, 14), (10, 20), (20, 10)),
+#: RetinaNet configurations by name (the one used is recorded in the weights' metadata and rebuilt
+#: from there on loading). "small": the first shipped detector (pyramid at strides 8, 16, 32);
+#: "base": twice the depth and a stride-4 level for lesions of 5-10 mm.
+RETINANET_PRESETS = {
+    "small": {
+        "block_inplanes": (24, 48, 96, 192),
+        "layers": (1, 1, 1, 1),
+        "returned_layers": (2, 3),
+        "fpn_channels": 64,
+        "feature_map_scales": (1, 2, 4),
+        "base_anchor_shapes": ((14, 14), (10, 20), (20, 10)),
+    },
+    "base": {
+        "block_inplanes": (32, 64, 128, 256),
+        "layers": (2, 2, 2, 2),
+        "returned_layers": (1, 2, 3),
+        "fpn_channels": 64,
+        "feature_map_scales": (1, 2, 4, 8),
+        "base_anchor_shapes": ((8, 8), (6, 12), (12, 6)),
+    },
 }
+#: The default RetinaNet configuration (new training).
+RETINANET_CONFIG = RETINANET_PRESETS["base"]
 #: Faster R-CNN configuration.
 FASTER_RCNN_CONFIG = {
     "backbone": "vgg16_bn features up to conv5_3 (stride 16, 512 channels)",
@@ -208,8 +223,8 @@ FASTER_RCNN_CONFIG = {
 }
 
 
-def build_retinanet(in_channels: int = 3, *, score_threshold: float = 0.02):
-    """The MONAI 2D RetinaNet detector (untrained; see :data:`RETINANET_CONFIG`)."""
+def build_retinanet(in_channels: int = 3, *, config: dict | None = None, score_threshold: float = 0.02):
+    """The MONAI 2D RetinaNet detector, untrained, of ``config`` (default :data:`RETINANET_CONFIG`)."""
     import torch
     from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
     from monai.apps.detection.networks.retinanet_network import RetinaNet
@@ -217,7 +232,7 @@ def build_retinanet(in_channels: int = 3, *, score_threshold: float = 0.02):
     from monai.networks.blocks.backbone_fpn_utils import BackboneWithFPN
     from monai.networks.nets import resnet
 
-    cfg = RETINANET_CONFIG
+    cfg = _check_retinanet_config(config if config is not None else RETINANET_CONFIG)
     backbone = resnet.ResNet(block=resnet.ResNetBlock, layers=list(cfg["layers"]),
                              block_inplanes=list(cfg["block_inplanes"]), spatial_dims=2,
                              n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2, num_classes=1)
@@ -243,6 +258,15 @@ def build_retinanet(in_channels: int = 3, *, score_threshold: float = 0.02):
     detector.set_box_regression_loss(torch.nn.SmoothL1Loss(beta=1.0 / 9, reduction="mean"),
                                      encode_gt=True, decode_pred=False)
     return detector
+
+
+def _check_retinanet_config(config: dict) -> dict:
+    keys = set(RETINANET_PRESETS["small"])
+    if not isinstance(config, dict) or set(config) != keys:
+        raise SpineInpaintError(f"RetinaNet configuration must have exactly the keys {sorted(keys)}")
+    if len(config["feature_map_scales"]) != len(config["returned_layers"]) + 1:
+        raise SpineInpaintError("RetinaNet configuration: one feature map scale per returned layer, plus one")
+    return config
 
 
 class RoIPoolOnMap(MultiScaleRoIAlign):
@@ -304,7 +328,7 @@ class Detector:
     """
 
     def __init__(self, arch: str = "retinanet", model=None, device: str = "cpu",
-                 score_threshold: float = 0.02):
+                 score_threshold: float = 0.02, config: dict | None = None):
         import torch
 
         if arch not in ARCHITECTURES:
@@ -312,7 +336,7 @@ class Detector:
         self.arch = arch
         self.device = torch.device(device)
         if model is None:
-            model = build_retinanet(score_threshold=score_threshold) if arch == "retinanet" else \
+            model = build_retinanet(config=config, score_threshold=score_threshold) if arch == "retinanet" else \
                 build_faster_rcnn(score_threshold=score_threshold)
         self.model = model.to(self.device)
         self.metadata: dict = {}
@@ -384,7 +408,8 @@ def load_detector(path: str | Path | None = None, *, arch: str | None = None, de
         raise SpineInpaintError(f"detector weights not found: {path}")
     meta = read_weights_metadata(path)
     arch = arch or meta.get("arch", "retinanet")
-    detector = Detector(arch, device=device, score_threshold=score_threshold)
+    config = meta.get("architecture") if arch == "retinanet" else None
+    detector = Detector(arch, device=device, score_threshold=score_threshold, config=config)
     detector.metadata = load_weights(detector.model, path)
     return detector
 
@@ -551,10 +576,18 @@ def _check_volume_pair(ct: io.Volume, mask: io.Volume, what: str) -> None:
         raise SpineInpaintError(f"the CT and the {what} must be on the same grid")
 
 
+def volume_thresholds(detector: Detector) -> dict:
+    """The volume-level thresholds of a detector: those tuned for its weights (``volume_level`` in
+    their JSON), else the module defaults."""
+    tuned = (getattr(detector, "metadata", None) or {}).get("volume_level") or {}
+    return {"score_threshold": float(tuned.get("score_threshold", VOLUME_SCORE_THRESHOLD)),
+            "slice_threshold": float(tuned.get("slice_threshold", VOLUME_SLICE_THRESHOLD)),
+            "min_slices": int(tuned.get("min_slices", VOLUME_MIN_SLICES))}
+
+
 def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *,
-                  score_threshold: float = VOLUME_SCORE_THRESHOLD,
-                  slice_threshold: float = VOLUME_SLICE_THRESHOLD, min_spine_fraction: float = 0.05,
-                  link_iou: float = 0.2, min_slices: int = VOLUME_MIN_SLICES,
+                  score_threshold: float | None = None, slice_threshold: float | None = None,
+                  min_spine_fraction: float = 0.05, link_iou: float = 0.2, min_slices: int | None = None,
                   progress: bool = False) -> list[Lesion3D]:
     """3D lesions in a CT: per-slice boxes kept inside the spine mask, linked across slices.
 
@@ -576,6 +609,8 @@ def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *,
     min_slices
         Minimum number of slices of a lesion.
 
+    Thresholds left ``None`` are the detector's (:func:`volume_thresholds`).
+
     Returns
     -------
     list[Lesion3D]
@@ -583,6 +618,10 @@ def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *,
         (``io.reorient(ct, 'LPS')``), ``box_lps`` is physical. An empty list for a healthy spine.
     """
     _check_volume_pair(ct, spine_mask, "spine mask")
+    tuned = volume_thresholds(detector)
+    score_threshold = tuned["score_threshold"] if score_threshold is None else score_threshold
+    slice_threshold = tuned["slice_threshold"] if slice_threshold is None else slice_threshold
+    min_slices = tuned["min_slices"] if min_slices is None else min_slices
     if not 0.0 <= score_threshold <= 1.0:
         raise SpineInpaintError(f"score_threshold must be in [0, 1], got {score_threshold}")
     ct_lps = _lps(ct)
@@ -701,7 +740,7 @@ def lesion_mask_from_detections(ct: io.Volume, lesions: Sequence[Lesion3D], vert
 
 
 def find_lesions(ct: io.Volume, vertebra_labels: io.Volume, detector: Detector | None = None, *,
-                 score_threshold: float = VOLUME_SCORE_THRESHOLD,
+                 score_threshold: float | None = None,
                  progress: bool = False) -> tuple[list[Lesion3D], io.Volume | None]:
     """Detect lesions and build the inpainting mask; ``(lesions, None)`` when the spine looks healthy.
 

@@ -269,8 +269,9 @@ class PhantomConfig:
             scoliosis_apex=int(rng.integers(29, 33)),
             axial_rotation_deg=round(cobb * float(rng.uniform(0.3, 0.9)) + float(rng.normal(0, 2)), 1),
             level_jitter=round(float(rng.uniform(0.0, 0.08)), 3),
-            body_width_mm=round(float(rng.uniform(280, 380)), 1),
-            body_depth_mm=round(float(rng.uniform(200, 290)), 1),
+            body_width_mm=(width := round(float(rng.uniform(280, 380)), 1)),
+            # A body deeper than wide is not drawn (the check below refuses it); same draws otherwise.
+            body_depth_mm=min(round(float(rng.uniform(200, 290)), 1), width),
             fat_mm=round(float(rng.uniform(6, 40)), 1),
             muscle_fat_fraction=round(float(rng.uniform(0.05, 0.4)), 3),
             cortical_hu=round(float(rng.uniform(700, 1200))),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -89,6 +90,44 @@ def test_samples_hold_the_simulated_lesion_box(tiny_samples):
         assert min(w, h) >= dt.MIN_BOX_MM - 3 and boxes[i].min() >= 0 and boxes[i].max() <= det.CROP_SIZE
     assert tiny_samples.images.dtype == np.int16
     assert tiny_samples.images.shape[1:] == (3, dt.CACHE_SIZE, dt.CACHE_SIZE)
+
+
+def test_boxes_hold_the_bone_part_of_a_destructive_lesion_only():
+    # A destructive lesion breaks the cortex: its extra-osseous mass is not boxed, and a slice with
+    # tumour outside the vertebra only is neither a positive nor a negative.
+    case = datasets.real_case(seed=3, lesion_types=["lytic"])  # seed 3 draws a destructive lesion
+    assert case.lesion.destructive
+    lesion = case.lesion
+    tumour = io.reorient(lesion.lesion_mask, "LPS").array > 0
+    bone = io.reorient(lesion.bone_destroyed, "LPS").array > 0
+    assert (tumour & ~bone).sum() > 0.1 * tumour.sum()  # a real extra-osseous part
+    samples = dt.samples_from_case(case, rng=np.random.default_rng(0), min_negatives=2, max_negatives=2)
+    ct = io.reorient(case.ct, "LPS")
+    for m, mask in zip(samples.meta, samples.masks):
+        if m["lesion_type"] == "none":
+            assert not tumour[m["z"]].any() and not mask.any()
+            continue
+        # The cached instance mask is the bone part of that slice, resampled to the crop grid.
+        area_mm2 = bone[m["z"]].sum() * ct.spacing_zyx[1] * ct.spacing_zyx[2]
+        assert abs(mask.sum() * det.GRID_MM ** 2 - area_mm2) <= 0.25 * area_mm2 + 20
+    assert dt.truth_box_3d(case)[0, 2] == np.nonzero(bone.any(axis=(1, 2)))[0].min()
+
+
+def test_retinanet_presets_build_and_load_from_their_metadata(tmp_path):
+    training.seed_everything(2)
+    small = det.Detector("retinanet", config=det.RETINANET_PRESETS["small"])
+    base = det.Detector("retinanet")
+    n_small = sum(p.numel() for p in small.parameters())
+    assert n_small < sum(p.numel() for p in base.parameters())
+    path = training.save_weights(small.model, tmp_path / "r.safetensors",
+                                 {"arch": "retinanet", "architecture": det.RETINANET_PRESETS["small"]})
+    loaded = det.load_detector(path)  # rebuilt from the recorded architecture, not the default
+    assert sum(p.numel() for p in loaded.parameters()) == n_small
+    bad = dict(det.RETINANET_PRESETS["base"], feature_map_scales=(1, 2))
+    with pytest.raises(SpineInpaintError, match="one feature map scale per returned layer"):
+        det.build_retinanet(config=bad)
+    with pytest.raises(SpineInpaintError, match="exactly the keys"):
+        det.build_retinanet(config={"layers": (1, 1, 1, 1)})
 
 
 def test_augment_without_randomness_returns_the_centre_crop(tiny_samples):
@@ -228,6 +267,63 @@ def test_detect_volume_keeps_boxes_in_the_spine_and_reports_lps_corners():
     np.testing.assert_allclose(les.box_lps[0], (5 + 24.5, -3 + 24.5, 7 + 9.5), atol=1e-3)
     np.testing.assert_allclose(les.box_lps[1], (5 + 34.5, -3 + 34.5, 7 + 15.5), atol=1e-3)
     assert json.loads(json.dumps(les.to_dict()))["n_slices"] == 6
+
+
+class _BrightSpotDetector(det.Detector):
+    """Boxes the bright (> 0.6, sclerotic) pixels of each crop at 0.95, plus a faint 0.35 box in the spine."""
+
+    def __init__(self, metadata=None):
+        self.arch, self.metadata = "retinanet", metadata or {}
+
+    def predict(self, images):
+        out = []
+        for image in images:
+            rows, cols = np.nonzero(image[1] > 0.6)
+            boxes, scores = [[54.0, 54.0, 62.0, 62.0]], [0.35]
+            if rows.size:
+                boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+                scores.append(0.95)
+            out.append((np.asarray(boxes, np.float32), np.asarray(scores, np.float32)))
+        return out
+
+
+def _sclerotic_cube_case(lesioned: bool):
+    ct, labels = _cube_case()
+    hu = ct.array.copy()
+    hu[10:16, 25:35, 25:35] = 1000.0 if lesioned else 200.0
+    bone = np.zeros(hu.shape, np.uint8)
+    if lesioned:
+        bone[10:16, 25:35, 25:35] = 1
+    lesion = types.SimpleNamespace(lesion_type="sclerotic", destructive=False, level=29,
+                                   lesion_mask=ct.with_array(bone), bone_destroyed=ct.with_array(bone),
+                                   healthy_labels=labels) if lesioned else None
+    return datasets.Case("cube_lesion" if lesioned else "cube_healthy", ct.with_array(hu), ct, labels, lesion,
+                         "phantom", 0, {})
+
+
+def test_detect_volume_takes_the_thresholds_tuned_for_the_weights():
+    case = _sclerotic_cube_case(True)
+    # Default thresholds (score 0.9): only the lesion; the detector's own (0.3): the faint box too.
+    assert len(det.detect_volume(case.ct, case.labels, _BrightSpotDetector())) == 1
+    tuned = _BrightSpotDetector({"volume_level": {"score_threshold": 0.3, "slice_threshold": 0.3,
+                                                  "min_slices": 2}})
+    assert det.volume_thresholds(tuned) == {"score_threshold": 0.3, "slice_threshold": 0.3, "min_slices": 2}
+    assert len(det.detect_volume(case.ct, case.labels, tuned)) == 2
+    assert len(det.detect_volume(case.ct, case.labels, tuned, score_threshold=0.5)) == 1  # argument wins
+
+
+def test_tuning_the_volume_thresholds_drops_the_faint_false_lesion():
+    cases = [_sclerotic_cube_case(True), _sclerotic_cube_case(False)]
+    tuning = dt.tune_volume_level(_BrightSpotDetector(), cases, score_thresholds=(0.3, 0.5, 0.9),
+                                  slice_thresholds=(0.2, 0.5), min_slices=(2, 3))
+    chosen = tuning["chosen"]
+    assert chosen["sensitivity"] == 1.0 and chosen["fp_per_healthy_volume"] == 0.0
+    assert chosen["score_threshold"] == 0.9 and tuning["cases"] == ["cube_lesion", "cube_healthy"]
+    low = [g for g in tuning["grid"] if g["score_threshold"] == 0.3 and g["slice_threshold"] == 0.2]
+    assert low and all(g["fp_per_healthy_volume"] == 1.0 for g in low)
+    assert len(tuning["grid"]) == 2 * 1 + 2 * 2 + 2 * 2  # slice threshold never above the score threshold
+    with pytest.raises(SpineInpaintError, match="no validation volume"):
+        dt.tune_volume_level(_BrightSpotDetector(), [])
 
 
 def test_spine_binary_takes_the_vertebrae_of_a_label_map():

@@ -55,7 +55,8 @@ def test_different_seed_gives_different_volumes(small_phantom):
 
 
 def test_random_config_is_reproducible_varied_and_within_the_clinical_ranges():
-    configs = [ph.PhantomConfig.random(s) for s in range(60)]
+    # range(70) holds seed 65, whose draw once gave a body deeper than wide (refused by validate).
+    configs = [ph.PhantomConfig.random(s) for s in range(70)]
     assert ph.PhantomConfig.random(5) == configs[5]
     for c in configs:
         c.validate()

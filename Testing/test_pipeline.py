@@ -170,19 +170,22 @@ def test_segment_refuses_an_image_that_is_not_ct(tmp_path, capsys):
 
 
 def test_grey_method_falls_back_to_the_context_generator_only_without_grey_weights():
-    for method in ("wgan-gp", "dcgan", "pggan"):
-        assert pipeline.grey_method_for(method) == "context"  # no grayscale weights shipped for the paper's GANs
-    for method in ("context", "biharmonic", "nearest"):
+    from SpineInpaintLib import gan
+
+    for method in ("dcgan", "pggan"):
+        assert pipeline.grey_method_for(method) == "context"  # no grayscale weights shipped for these
+    assert gan.default_weights_path("wgan-gp", "grey", "generator").exists()
+    for method in ("wgan-gp", "context", "biharmonic", "nearest"):
         assert pipeline.grey_method_for(method) == method
 
 
 @pytest.mark.slow
 def test_the_papers_gans_restore_the_ct_with_the_grey_context_generator(lesion_files):
-    # WGAN-GP has binary weights only: it restores the vertebra's shape, the context generator the HU.
+    # DCGAN has binary weights only: it restores the vertebra's shape, the context generator the HU.
     sim, ct_path, mask_path = lesion_files
-    result = pipeline.restore(io.read_volume(ct_path), io.read_volume(mask_path), method="wgan-gp", seed=2)
-    assert result.report["inpainting"]["method"] == "wgan-gp"
-    assert result.report["inpainting"]["grey_method"] == pipeline.grey_method_for("wgan-gp") == "context"
+    result = pipeline.restore(io.read_volume(ct_path), io.read_volume(mask_path), method="dcgan", seed=2)
+    assert result.report["inpainting"]["method"] == "dcgan"
+    assert result.report["inpainting"]["grey_method"] == pipeline.grey_method_for("dcgan") == "context"
     assert [v["level"] for v in result.report["restored_vertebrae"]] == ["L3"]
     inside = sim.mask.array > 0
     assert not np.array_equal(result.restored_ct.array[inside], sim.ct.array[inside])
