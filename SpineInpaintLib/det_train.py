@@ -183,14 +183,13 @@ def samples_from_case(case: datasets.Case, *, rng: np.random.Generator, negative
     offset = det.neighbour_offset(ct.spacing_zyx[0])
     positives, negatives = [], []
     for z in np.nonzero(spine.any(axis=(1, 2)))[0]:
-        if tumour[z].any():
-            if bone[z].any():
-                rows, cols = np.nonzero(bone[z])
-                h = (rows.max() - rows.min() + 1) * spacing_yx[0]
-                w = (cols.max() - cols.min() + 1) * spacing_yx[1]
-                if min(h, w) >= min_box_mm:
-                    positives.append(int(z))
-        else:
+        if bone[z].any():  # bone_destroyed lies inside the tumour mask
+            rows, cols = np.nonzero(bone[z])
+            h = (rows.max() - rows.min() + 1) * spacing_yx[0]
+            w = (cols.max() - cols.min() + 1) * spacing_yx[1]
+            if min(h, w) >= min_box_mm:
+                positives.append(int(z))
+        elif not tumour[z].any():
             negatives.append(int(z))
     if max_positives is not None and len(positives) > max_positives:
         positives = [positives[int(k)] for k in np.linspace(0, len(positives) - 1, max_positives).round()]
@@ -708,9 +707,7 @@ def tune_volume_level(detector: det.Detector, cases: Sequence[datasets.Case], *,
         raise SpineInpaintError("no validation volume to tune the thresholds on")
     per = []
     for case in cases:
-        ct_lps = io.reorient(case.ct, "LPS")
-        spine = io.reorient(case.labels, "LPS")
-        spine = spine.with_array(det.spine_binary(spine.array).astype(np.uint8))
+        ct_lps, spine = det.lps_inputs(case.ct, case.labels)
         per_slice = det.detect_slices(ct_lps, spine, detector, score_threshold=min(slice_thresholds))
         per.append((case, ct_lps, spine, per_slice, truth_box_3d(case)))
     grid = []

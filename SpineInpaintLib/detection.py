@@ -74,6 +74,7 @@ __all__ = [
     "link_detections",
     "spine_binary",
     "volume_thresholds",
+    "lps_inputs",
     "detect_volume",
     "lesions_from_slices",
     "lesion_mask_from_detections",
@@ -585,6 +586,12 @@ def volume_thresholds(detector: Detector) -> dict:
             "min_slices": int(tuned.get("min_slices", VOLUME_MIN_SLICES))}
 
 
+def lps_inputs(ct: io.Volume, spine_mask: io.Volume) -> tuple[io.Volume, io.Volume]:
+    """The CT and the binary spine (:func:`spine_binary`) re-oriented to LPS: the volumes
+    :func:`detect_slices` and :func:`lesions_from_slices` take."""
+    return _lps(ct), _lps(spine_mask.with_array(spine_binary(spine_mask.array).astype(np.uint8)))
+
+
 def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *,
                   score_threshold: float | None = None, slice_threshold: float | None = None,
                   min_spine_fraction: float = 0.05, link_iou: float = 0.2, min_slices: int | None = None,
@@ -624,8 +631,7 @@ def detect_volume(ct: io.Volume, spine_mask: io.Volume, detector: Detector, *,
     min_slices = tuned["min_slices"] if min_slices is None else min_slices
     if not 0.0 <= score_threshold <= 1.0:
         raise SpineInpaintError(f"score_threshold must be in [0, 1], got {score_threshold}")
-    ct_lps = _lps(ct)
-    spine_lps = _lps(spine_mask.with_array(spine_binary(spine_mask.array).astype(np.uint8)))
+    ct_lps, spine_lps = lps_inputs(ct, spine_mask)
     if not spine_lps.array.any():
         return []
     per_slice = detect_slices(ct_lps, spine_lps, detector, score_threshold=slice_threshold, progress=progress)
