@@ -495,15 +495,15 @@ def train_detector(config: TrainConfig) -> dict:
         raise SpineInpaintError(f"unknown detector '{config.arch}' (use {' or '.join(det.ARCHITECTURES)})")
     if config.epochs < 1 or config.steps_per_epoch < 1 or config.batch_size < 1:
         raise SpineInpaintError("epochs, steps per epoch and batch size must be >= 1")
+    if config.arch == "retinanet" and config.backbone not in det.RETINANET_PRESETS:
+        raise SpineInpaintError(f"unknown RetinaNet backbone '{config.backbone}' "
+                                f"(use {' or '.join(det.RETINANET_PRESETS)})")
     if config.threads:
         torch.set_num_threads(int(config.threads))
     ctx = training.init_distributed(config.device)
     seed = training.seed_everything(config.seed + ctx.rank)
     out = Path(config.out)
     train, val = training_data(config, ctx)
-    if config.arch == "retinanet" and config.backbone not in det.RETINANET_PRESETS:
-        raise SpineInpaintError(f"unknown RetinaNet backbone '{config.backbone}' "
-                                f"(use {' or '.join(det.RETINANET_PRESETS)})")
     detector = det.Detector(config.arch, device=str(ctx.device), config=_architecture(config))
     model = ctx.wrap(detector.model, find_unused_parameters=True)
     detector.model = model
@@ -930,6 +930,8 @@ def run_train(args) -> int:
 
 def run_evaluate(args) -> int:
     """``python -m SpineInpaintLib evaluate detection``: both detectors side by side with the paper's row."""
+    if args.save_thresholds and not args.tune:
+        raise SpineInpaintError("--save-thresholds needs --tune (there is nothing tuned to save)")
     if args.threads:
         torch.set_num_threads(int(args.threads))
     training.seed_everything(args.seed)

@@ -388,6 +388,19 @@ def test_evaluate_detection_with_missing_weights_is_a_one_line_error(tmp_path, c
     assert code == 2 and err.count("\n") == 0 and "detector weights not found" in err
 
 
+def test_save_thresholds_without_tune_is_a_one_line_error(capsys):
+    code = cli.main(["evaluate", "detection", "--save-thresholds", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "--save-thresholds needs --tune" in err
+
+
+def test_unknown_backbone_is_refused_before_any_data_is_built(tmp_path):
+    config = dt.TrainConfig(backbone="huge", out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    with pytest.raises(SpineInpaintError, match="unknown RetinaNet backbone 'huge' \\(use small or base\\)"):
+        dt.train_detector(config)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_shipped_retinanet_weights_are_small_and_documented():
     if not det.DEFAULT_WEIGHTS.exists():
         pytest.skip("no shipped detector weights (training did not reach a useful model)")
