@@ -327,6 +327,8 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8, help="slices per step and process")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3 RetinaNet, 2e-4 Faster R-CNN)")
+    parser.add_argument("--init", help="start from these weights (.safetensors of the same architecture; "
+                        "fine-tuning), unless resuming")
     _add_run_control(parser)
     parser.add_argument("--export",
                         help="also copy the best weights, metadata and curves here (e.g. Resources/detection)")

@@ -407,6 +407,7 @@ class TrainConfig:
     threads: int | None = None
     max_minutes: float | None = None
     progress: bool = True
+    init: str | None = None
 
     def default_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.arch == "retinanet" else 2e-4)
@@ -498,6 +499,8 @@ def train_detector(config: TrainConfig) -> dict:
     if config.arch == "retinanet" and config.backbone not in det.RETINANET_PRESETS:
         raise SpineInpaintError(f"unknown RetinaNet backbone '{config.backbone}' "
                                 f"(use {' or '.join(det.RETINANET_PRESETS)})")
+    if config.init:
+        _check_init(config)
     if config.threads:
         torch.set_num_threads(int(config.threads))
     ctx = training.init_distributed(config.device)
@@ -505,6 +508,10 @@ def train_detector(config: TrainConfig) -> dict:
     out = Path(config.out)
     train, val = training_data(config, ctx)
     detector = det.Detector(config.arch, device=str(ctx.device), config=_architecture(config))
+    last = out / "last.pt"
+    if config.init and not (config.resume and last.exists()):
+        # Fine-tuning: a fresh schedule from existing weights of the same architecture.
+        training.load_weights(detector.model, Path(config.init))
     model = ctx.wrap(detector.model, find_unused_parameters=True)
     detector.model = model
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.default_lr(),
@@ -514,7 +521,6 @@ def train_detector(config: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / 100) * 0.5 * (
         1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     start_epoch, best = 0, {"ap50": -1.0, "epoch": 0}
-    last = out / "last.pt"
     if config.resume and last.exists():
         state = training.load_checkpoint(last, models={"detector": model},
                                          optimizers={"optimiser": optimiser})
@@ -580,6 +586,19 @@ def train_detector(config: TrainConfig) -> dict:
     summary.update({"best": best, "minutes": (time.time() - started) / 60, "out": str(out)})
     ctx.close()
     return summary
+
+
+def _check_init(config: TrainConfig) -> None:
+    """Refuse ``--init`` weights that are missing or of another detector, before any data is built."""
+    path = Path(config.init)
+    if not path.is_file():
+        raise SpineInpaintError(f"--init weights not found: {path}")
+    meta = training.read_weights_metadata(path)
+    wanted = _architecture(config) if config.arch == "retinanet" else det.FASTER_RCNN_CONFIG
+    # Compare as JSON stores it (tuples come back as lists).
+    if meta.get("arch") != config.arch or meta.get("architecture") != json.loads(json.dumps(wanted)):
+        raise SpineInpaintError(f"--init weights {path.name} are a {meta.get('arch', 'unknown')} with another "
+                                f"architecture than --arch {config.arch} --backbone {config.backbone}")
 
 
 def _architecture(config: TrainConfig) -> dict | None:
@@ -913,7 +932,8 @@ def run_train(args) -> int:
                          val_phantoms=args.val_phantoms, val_real=args.val_real, deeplesion=args.deeplesion,
                          epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, resume=not args.no_resume, device=args.device,
-                         threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet)
+                         threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet,
+                         init=args.init)
     summary = train_detector(config)
     print(json.dumps(summary, indent=2))
     if args.export and (Path(out) / "best.safetensors").exists():

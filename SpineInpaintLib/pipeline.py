@@ -121,19 +121,21 @@ def grey_method_for(method: str) -> str:
     return method
 
 
-def segment_spine(ct: io.Volume, seg_net: str = "unet", *, device: str = "cpu", progress: bool = False):
+def segment_spine(ct: io.Volume, seg_net: str = "unet", *, device: str = "cpu", progress: bool = False,
+                  lesion: io.Volume | None = None):
     """Vertebra labels of a CT, or a one-line :class:`SpineInpaintError` when there is no spine to restore.
 
     The ``segment`` step of the command line and the first stage of :func:`restore`: the segmenter's
     warnings (not CT, no spine) become errors, and a segmentation whose largest vertebra is under
     :data:`MIN_VERTEBRA_ML` counts as no spine. Returns the
-    :class:`~SpineInpaintLib.segmentation.SegmentationResult`.
+    :class:`~SpineInpaintLib.segmentation.SegmentationResult`. A known ``lesion`` (on the CT's
+    grid) guides the split into vertebrae (``segment_volume(lesion=...)``).
     """
     from SpineInpaintLib import segmentation
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # turned into one-line errors below
-        seg = segmentation.segment_volume(ct, seg_net, device=device, progress=progress)
+        seg = segmentation.segment_volume(ct, seg_net, device=device, progress=progress, lesion=lesion)
     if "not_ct" in seg.flags:
         raise SpineInpaintError(seg.messages[0].split(" -- ")[0])
     if "no_spine" in seg.flags:
@@ -261,7 +263,7 @@ def restore(
     }
 
     with timer.stage("segment"):
-        seg = segment_spine(ct, seg_net, device=dev, progress=progress)
+        seg = segment_spine(ct, seg_net, device=dev, progress=progress, lesion=mask_in)
     labels = seg.labels
     report["segmentation"] = {"net": seg.net, "levels": [VERTEBRA_NAMES.get(v, str(v)) for v in seg.levels()]}
 

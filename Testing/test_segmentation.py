@@ -163,6 +163,132 @@ def test_split_vertebrae_numbers_a_column_through_its_posterior_bridge():
     assert not out[~mask].any()
 
 
+def test_directional_flood_costs_match_hand_computed_paths():
+    # A column of 11 voxels along z, seeds at both ends. Unit costs: each half goes to its end.
+    # Climbing costs 4: voxel z is reached from below at 4 z and from above at 10 - z, so the
+    # lower seed keeps z 0 and 1 only (z 2 is a tie).
+    mask = np.ones((11, 1, 1), bool)
+    seeds = np.zeros(mask.shape, np.int32)
+    seeds[0], seeds[10] = 1, 2
+    plain = seg.directional_flood(seeds, mask)[:, 0, 0]
+    assert plain[:5].tolist() == [1] * 5 and plain[6:].tolist() == [2] * 5
+    climb = seg.directional_flood(seeds, mask, upward_cost=4)[:, 0, 0]
+    assert climb[:2].tolist() == [1, 1] and climb[3:].tolist() == [2] * 8
+    with pytest.raises(ValueError, match="upward_cost"):
+        seg.directional_flood(seeds, mask, upward_cost=0)
+
+
+def test_directional_flood_gives_each_voxel_to_a_nearest_seed():
+    # Independent reference: per-seed shortest paths (skimage's minimum-cost path, face steps).
+    from skimage.graph import MCP_Geometric
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((12, 20, 20)) > 0.3
+    starts = [(1, 2, 2), (10, 17, 18), (6, 10, 9)]
+    seeds = np.zeros(mask.shape, np.int32)
+    for k, point in enumerate(starts, start=1):
+        mask[point] = True
+        seeds[point] = k
+    outside = (0, 19, 0)
+    mask[outside] = False
+    seeds[outside] = 4                   # a seed outside the mask floods nothing
+    for upward_cost in (1, 3):
+        ours = seg.directional_flood(seeds, mask, upward_cost=upward_cost)
+        assert not (ours == 4).any() and not ours[~mask].any()
+        # Climbing dearer: costs per voxel entered, so give the reference the same by direction.
+        distances = []
+        for point in starts:
+            if upward_cost == 1:
+                mcp = MCP_Geometric(np.where(mask, 1.0, np.inf), fully_connected=False)
+                distances.append(mcp.find_costs([point])[0])
+            else:
+                distances.append(_dial_reference(mask, point, upward_cost))
+        distances = np.stack(distances)
+        reached = np.isfinite(distances.min(axis=0)) & mask
+        assert np.array_equal(ours > 0, reached)
+        owner_distance = np.take_along_axis(distances, np.clip(ours - 1, 0, None)[None], 0)[0]
+        assert np.allclose(owner_distance[reached], distances.min(axis=0)[reached])
+
+
+def _dial_reference(mask: np.ndarray, start: tuple, upward_cost: int) -> np.ndarray:
+    """Plain Dijkstra over face steps (z + 1 costs ``upward_cost``, others 1), one seed, for tests."""
+    import heapq
+
+    dist = np.full(mask.shape, np.inf)
+    dist[start] = 0.0
+    heap = [(0.0, start)]
+    steps = [((1, 0, 0), upward_cost), ((-1, 0, 0), 1), ((0, 1, 0), 1), ((0, -1, 0), 1), ((0, 0, 1), 1),
+             ((0, 0, -1), 1)]
+    while heap:
+        d, (z, y, x) = heapq.heappop(heap)
+        if d > dist[z, y, x]:
+            continue
+        for (dz, dy, dx), cost in steps:
+            n = (z + dz, y + dy, x + dx)
+            if all(0 <= n[i] < mask.shape[i] for i in range(3)) and mask[n] and d + cost < dist[n]:
+                dist[n] = d + cost
+                heapq.heappush(heap, (d + cost, n))
+    return dist
+
+
+def _facet_column() -> np.ndarray:
+    """Two vertebrae (L4 below, L3 above; slices inferior to superior at 3 x 1.5 x 1.5 mm), the
+    bodies split by a disc; L3's lamina hangs down behind the disc to an inferior articular process
+    that touches, face to face, the superior articular process rising from L4's pedicle."""
+    labels = np.zeros((20, 48, 40), np.uint8)
+    labels[1:9, 4:22, 8:32] = 28          # L4 body
+    labels[11:19, 4:22, 8:32] = 29        # L3 body (disc at z 9-10)
+    labels[6:9, 22:30, 10:14] = 28        # L4 pedicle
+    labels[6:11, 30:34, 8:14] = 28        # L4 superior articular process, up to z 10
+    labels[16:19, 22:30, 14:18] = 29      # L3 pedicle
+    labels[9:19, 30:40, 14:20] = 29       # L3 lamina and inferior articular process, down to z 9
+    return labels
+
+
+def test_split_vertebrae_keeps_the_articular_process_with_its_own_vertebra():
+    labels = _facet_column()
+    mask = labels > 0
+    scores = np.zeros((seg.N_CLASSES,) + labels.shape, np.float32)
+    scores[0][~mask] = 1.0
+    for level in (28, 29):
+        scores[seg.CLASS_IDS.index(level)][labels == level] = 1.0
+    posterior = np.zeros(mask.shape, bool)
+    posterior[:, 30:, :] = True
+    process = (labels == 29) & posterior   # L3's lamina and inferior articular process
+    spacing = (3.0, 1.5, 1.5)
+    # Plain breadth-first flooding hands the process's lower part to L4 across the joint ...
+    plain = seg.split_vertebrae(mask, scores, spacing, core_mm=5.0, contact_erosion=0, upward_cost=1)
+    assert (plain[process] == 28).sum() >= 50
+    # ... the default (no path through the thin contact, climbing dearer) keeps it with L3.
+    out = seg.split_vertebrae(mask, scores, spacing, core_mm=5.0)
+    assert (out[process] == 29).mean() > 0.99
+    assert (out[(labels == 28) & posterior] == 28).mean() > 0.99
+    assert (out[mask] == labels[mask]).mean() > 0.99
+
+
+def test_split_vertebrae_fill_rejoins_bone_a_lesion_cut_off():
+    # A destructive lesion took L4's pedicle: its superior articular process touches only L3.
+    labels = _facet_column()
+    lesion = np.zeros(labels.shape, bool)
+    lesion[6:9, 22:30, 10:14] = True
+    labels[lesion] = 0
+    mask = labels > 0
+    scores = np.zeros((seg.N_CLASSES,) + labels.shape, np.float32)
+    scores[0][~mask] = 1.0
+    for level in (28, 29):
+        scores[seg.CLASS_IDS.index(level)][labels == level] = 1.0
+    process = labels == 28
+    process[:, :30] = False               # L4's superior articular process
+    spacing = (3.0, 1.5, 1.5)
+    alone = seg.split_vertebrae(mask, scores, spacing, core_mm=5.0)
+    assert (alone[process] == 29).mean() > 0.9    # reached from L3 only
+    out = seg.split_vertebrae(mask, scores, spacing, core_mm=5.0, fill=lesion)
+    assert (out[process] == 28).mean() > 0.99
+    assert not out[lesion].any() and not out[~mask].any()   # the lesion itself gets no label
+    with pytest.raises(ValueError, match="fill"):
+        seg.split_vertebrae(mask, scores, spacing, fill=lesion[:-1])
+
+
 def test_export_vertebra():
     case = _column_case("synthetic_0")
     l3 = seg.export_vertebra(case.labels, "L3")
@@ -199,6 +325,27 @@ def test_segment_volume_returns_masks_on_the_input_grid():
     assert result.spine.array.dtype == np.uint8 and set(np.unique(result.spine.array)) <= {0, 1}
     assert not result.labels.array[result.spine.array == 0].any()
     assert set(result.timings) >= {"network", "total"}
+
+
+def test_segment_volume_with_a_known_lesion_keeps_the_vertebra_it_cut_apart(real_case):
+    # Real scan with a destructive lytic L4 lesion through the body and left pedicle (seed 3):
+    # without the lesion, L4's left posterior elements lose their path to the body and go to L3.
+    from SpineInpaintLib import lesions, metrics
+
+    ct, labels = real_case
+    sim = lesions.simulate_lesion(ct, labels, "L4", "lytic", True, size=0.7, seed=3)
+    model, _ = seg.load_model("unet")
+    plain = seg.segment_volume(sim.ct, model=model)
+    guided = seg.segment_volume(sim.ct, model=model, lesion=sim.mask)
+    assert np.array_equal(plain.spine.array, guided.spine.array)   # the lesion guides the split only
+    outside = sim.mask.array == 0
+    truth = (labels.array == 28) & outside
+    dice_plain = metrics.dice((plain.labels.array == 28) & outside, truth)
+    dice_guided = metrics.dice((guided.labels.array == 28) & outside, truth)
+    assert dice_guided >= 0.90 and dice_guided >= dice_plain + 0.03, (dice_plain, dice_guided)
+    with pytest.raises(SpineInpaintError, match="lesion mask has shape"):
+        seg.segment_volume(sim.ct, model=model, lesion=io.Volume(sim.mask.array[:-1], sim.mask.spacing,
+                                                                  sim.mask.origin, sim.mask.direction))
 
 
 def test_segment_volume_rejects_a_non_volume():
