@@ -401,6 +401,37 @@ def test_unknown_backbone_is_refused_before_any_data_is_built(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
+def test_init_weights_missing_or_of_another_architecture_are_refused_before_any_data_is_built(tmp_path):
+    missing = dt.TrainConfig(init=str(tmp_path / "none.safetensors"), out=str(tmp_path / "run"),
+                             cache=str(tmp_path / "cache"))
+    with pytest.raises(SpineInpaintError, match="--init weights not found"):
+        dt.train_detector(missing)
+    other = dt.TrainConfig(backbone="small", init=str(det.DEFAULT_WEIGHTS), out=str(tmp_path / "run"),
+                           cache=str(tmp_path / "cache"))
+    with pytest.raises(SpineInpaintError, match="another architecture than --arch retinanet --backbone small"):
+        dt.train_detector(other)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_init_starts_the_training_from_the_given_weights(tmp_path, tiny_samples):
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tiny_samples.save(cache / "train.npz")
+    tiny_samples.save(cache / "val.npz")
+    config = dt.TrainConfig(init=str(det.DEFAULT_WEIGHTS), out=str(tmp_path / "run"), cache=str(cache),
+                            epochs=1, steps_per_epoch=1, batch_size=2, lr=1e-12, progress=False, threads=1)
+    dt.train_detector(config)
+    shipped, tuned = load_file(str(det.DEFAULT_WEIGHTS)), load_file(str(tmp_path / "run" / "best.safetensors"))
+    assert shipped.keys() == tuned.keys()
+    # Learned weights stay put at a learning rate of 1e-12 (batch-norm running statistics move).
+    learned = [k for k in shipped if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert learned and all(torch.allclose(shipped[k].float(), tuned[k].float(), atol=1e-6) for k in learned)
+    meta = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert meta["training"]["init"] == str(det.DEFAULT_WEIGHTS)
+
+
 def test_shipped_retinanet_weights_are_small_and_documented():
     if not det.DEFAULT_WEIGHTS.exists():
         pytest.skip("no shipped detector weights (training did not reach a useful model)")
