@@ -245,13 +245,19 @@ def _facet_column() -> np.ndarray:
     return labels
 
 
+def _one_hot_scores(labels: np.ndarray) -> np.ndarray:
+    """Network scores that are sure of every voxel's class (background where the label is 0)."""
+    scores = np.zeros((seg.N_CLASSES,) + labels.shape, np.float32)
+    scores[0][labels == 0] = 1.0
+    for level in np.unique(labels[labels > 0]):
+        scores[seg.CLASS_IDS.index(int(level))][labels == level] = 1.0
+    return scores
+
+
 def test_split_vertebrae_keeps_the_articular_process_with_its_own_vertebra():
     labels = _facet_column()
     mask = labels > 0
-    scores = np.zeros((seg.N_CLASSES,) + labels.shape, np.float32)
-    scores[0][~mask] = 1.0
-    for level in (28, 29):
-        scores[seg.CLASS_IDS.index(level)][labels == level] = 1.0
+    scores = _one_hot_scores(labels)
     posterior = np.zeros(mask.shape, bool)
     posterior[:, 30:, :] = True
     process = (labels == 29) & posterior   # L3's lamina and inferior articular process
@@ -273,10 +279,7 @@ def test_split_vertebrae_fill_rejoins_bone_a_lesion_cut_off():
     lesion[6:9, 22:30, 10:14] = True
     labels[lesion] = 0
     mask = labels > 0
-    scores = np.zeros((seg.N_CLASSES,) + labels.shape, np.float32)
-    scores[0][~mask] = 1.0
-    for level in (28, 29):
-        scores[seg.CLASS_IDS.index(level)][labels == level] = 1.0
+    scores = _one_hot_scores(labels)
     process = labels == 28
     process[:, :30] = False               # L4's superior articular process
     spacing = (3.0, 1.5, 1.5)
