@@ -660,6 +660,8 @@ def segment_volume(ct: io.Volume, net: str = "unet", *, model=None, weights: str
     start = time.perf_counter()
     if not isinstance(ct, io.Volume):
         raise SpineInpaintError(f"segment_volume needs an io.Volume, got {type(ct).__name__}")
+    if lesion is not None and lesion.shape != ct.shape:
+        raise SpineInpaintError(f"the lesion mask has shape {lesion.shape}, the CT {ct.shape}")
     reasons = check_ct(ct)
     if reasons:
         message = "input does not look like CT in HU: " + "; ".join(reasons) + " -- returning an empty mask"
@@ -686,8 +688,6 @@ def segment_volume(ct: io.Volume, net: str = "unet", *, model=None, weights: str
     if per_vertebra and mask.any():
         fill = None
         if lesion is not None:
-            if lesion.shape != ct.shape:
-                raise SpineInpaintError(f"the lesion mask has shape {lesion.shape}, the CT {ct.shape}")
             fill = to_network_grid(lesion.with_array((np.asarray(lesion.array) > 0).astype(np.uint8)),
                                    labels=True).array > 0
         grid_labels = split_vertebrae(mask, probs, spacing_zyx, fill=fill)
