@@ -594,15 +594,19 @@ def _check_init(config: TrainConfig) -> None:
     if not path.is_file():
         raise SpineInpaintError(f"--init weights not found: {path}")
     meta = training.read_weights_metadata(path)
-    wanted = _architecture(config) if config.arch == "retinanet" else det.FASTER_RCNN_CONFIG
-    # Compare as JSON stores it (tuples come back as lists).
-    if meta.get("arch") != config.arch or meta.get("architecture") != json.loads(json.dumps(wanted)):
+    wanted = json.loads(json.dumps(_recorded_architecture(config)))  # as JSON stores it: tuples become lists
+    if meta.get("arch") != config.arch or meta.get("architecture") != wanted:
         raise SpineInpaintError(f"--init weights {path.name} are a {meta.get('arch', 'unknown')} with another "
                                 f"architecture than --arch {config.arch} --backbone {config.backbone}")
 
 
 def _architecture(config: TrainConfig) -> dict | None:
     return det.RETINANET_PRESETS[config.backbone] if config.arch == "retinanet" else None
+
+
+def _recorded_architecture(config: TrainConfig) -> dict:
+    """The architecture as the weights' JSON records it (and ``--init`` weights must match)."""
+    return _architecture(config) if config.arch == "retinanet" else det.FASTER_RCNN_CONFIG
 
 
 def _metadata(config: TrainConfig, seed: int, best: dict, train: SampleSet, val: SampleSet) -> dict:
@@ -612,7 +616,7 @@ def _metadata(config: TrainConfig, seed: int, best: dict, train: SampleSet, val:
     return {
         "name": f"SpineInpaint lesion detector ({config.arch})",
         "arch": config.arch,
-        "architecture": _architecture(config) if config.arch == "retinanet" else det.FASTER_RCNN_CONFIG,
+        "architecture": _recorded_architecture(config),
         "input": {"channels": "slices z - d, z, z + d (d = max(1, round(2 mm / slice spacing)))",
                   "size": [det.CROP_SIZE, det.CROP_SIZE], "pixel_mm": det.GRID_MM,
                   "centre": "centroid of the spine mask on the slice", "window_hu": list(det.WINDOW),

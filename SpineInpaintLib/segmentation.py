@@ -277,13 +277,13 @@ def directional_flood(seeds: np.ndarray, mask: np.ndarray, *, upward_cost: int =
     -------
     int32 labels of the seeds on ``mask`` (0 where no seed is reachable and outside ``mask``).
     """
+    if int(upward_cost) < 1:
+        raise ValueError(f"upward_cost must be an integer >= 1, got {upward_cost}")
     mask = np.asarray(mask) > 0
     seeds = np.where(mask, np.asarray(seeds), 0).astype(np.int32)
     out = np.zeros(mask.shape, np.int32)
     if not seeds.any():
         return out
-    if int(upward_cost) < 1:
-        raise ValueError(f"upward_cost must be an integer >= 1, got {upward_cost}")
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
     # A one-voxel frame of False around the box, so that neighbour offsets of flat indices never wrap.
     region = np.pad(mask[box], 1)

@@ -176,6 +176,8 @@ def test_directional_flood_costs_match_hand_computed_paths():
     assert climb[:2].tolist() == [1, 1] and climb[3:].tolist() == [2] * 8
     with pytest.raises(ValueError, match="upward_cost"):
         seg.directional_flood(seeds, mask, upward_cost=0)
+    with pytest.raises(ValueError, match="upward_cost"):       # refused even with nothing to flood
+        seg.directional_flood(np.zeros_like(seeds), mask, upward_cost=0)
 
 
 def test_directional_flood_gives_each_voxel_to_a_nearest_seed():
