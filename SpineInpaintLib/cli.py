@@ -312,7 +312,8 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
                         help="MONAI RetinaNet (default) or the paper's Faster R-CNN VGG-16 baseline")
     parser.add_argument("--backbone", choices=("base", "small"), default="base",
                         help="RetinaNet backbone preset (detection.RETINANET_PRESETS; default base)")
-    parser.add_argument("--out", help="run folder: last.pt, best.safetensors + .json, metrics.csv, curves.png "
+    parser.add_argument("--out", help="run folder: last.pt, best.safetensors + .json (best validation AP@0.5), "
+                        "final.safetensors + .json (last epoch), metrics.csv, curves.png "
                         "(default runs/detection/<arch>)")
     parser.add_argument("--cache", default="runs/detection/data",
                         help="folder of the cached training/validation crops (built on demand, shared by both)")
@@ -329,6 +330,11 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3 RetinaNet, 2e-4 Faster R-CNN)")
     parser.add_argument("--init", help="start from these weights (.safetensors of the same architecture; "
                         "fine-tuning), unless resuming")
+    parser.add_argument("--box-loss", choices=("smooth_l1", "giou"), default="smooth_l1",
+                        help="RetinaNet box-regression loss: smooth L1 on the offsets (default) or generalised IoU")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="validate and save an exponential moving average of the weights with this decay "
+                        "(e.g. 0.998; default 0: the raw weights)")
     _add_run_control(parser)
     parser.add_argument("--export",
                         help="also copy the best weights, metadata and curves here (e.g. Resources/detection)")
@@ -340,6 +346,8 @@ def _add_evaluate_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faster-rcnn", default="runs/detection/faster_rcnn/best.safetensors",
                         help="Faster R-CNN baseline weights "
                         "(default runs/detection/faster_rcnn/best.safetensors)")
+    parser.add_argument("--compare", help="another RetinaNet's weights (e.g. the ones a new model would replace), "
+                        "evaluated beside on the same slices")
     parser.add_argument("--phantoms", type=int, default=15, help="lesioned test phantoms (default 15)")
     parser.add_argument("--real", type=int, default=9, help="test lesions simulated on the real scan (default 9)")
     parser.add_argument("--healthy-phantoms", type=int, default=4, help="healthy test phantoms (default 4)")

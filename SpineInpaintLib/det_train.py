@@ -20,7 +20,8 @@ after every augmentation, so a rotated lesion keeps a tight box. Sources:
 
 Splits are by case (:func:`SpineInpaintLib.datasets.split_of`) or DeepLesion's ``Train_Val_Test``.
 Training is seeded, resumable (``last.pt``), logs per-epoch metrics (``metrics.csv``,
-``curves.png``), keeps the best weights by validation AP@0.5 (``best.safetensors`` + JSON) and runs
+``curves.png``), keeps the best weights by validation AP@0.5 (``best.safetensors`` + JSON) and those
+of the last epoch (``final.safetensors``; with ``--ema``, the moving average of the weights) and runs
 unchanged under ``torchrun`` (:mod:`SpineInpaintLib.training`).
 """
 
@@ -68,6 +69,9 @@ CACHE_SIZE = 176
 MIN_BOX_MM = 5.0
 #: Loss columns of the metrics log (RetinaNet's and Faster R-CNN's names).
 _LOSS_COLUMNS = ("loss", "classification", "box_regression", "loss_classifier", "loss_objectness")
+#: Validation volumes the volume-level thresholds are tuned on (``evaluate detection --tune``): 30
+#: volumes; 15 (6 + 6 + 3) let a single false lesion decide the minimum track length.
+TUNING_VOLUMES = {"phantoms": 12, "real": 12, "healthy_phantoms": 6}
 #: Levels a phantom's field of view is drawn around (3 consecutive levels between L5 and T10).
 _PHANTOM_LEVELS = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10")
 
@@ -408,6 +412,8 @@ class TrainConfig:
     max_minutes: float | None = None
     progress: bool = True
     init: str | None = None
+    box_loss: str = "smooth_l1"
+    ema: float = 0.0
 
     def default_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.arch == "retinanet" else 2e-4)
@@ -499,6 +505,12 @@ def train_detector(config: TrainConfig) -> dict:
     if config.arch == "retinanet" and config.backbone not in det.RETINANET_PRESETS:
         raise SpineInpaintError(f"unknown RetinaNet backbone '{config.backbone}' "
                                 f"(use {' or '.join(det.RETINANET_PRESETS)})")
+    if config.box_loss not in det.BOX_LOSSES:
+        raise SpineInpaintError(f"unknown box loss '{config.box_loss}' (use {' or '.join(det.BOX_LOSSES)})")
+    if config.arch != "retinanet" and config.box_loss != "smooth_l1":
+        raise SpineInpaintError(f"--box-loss {config.box_loss} is for RetinaNet; Faster R-CNN keeps torchvision's")
+    if not 0.0 <= config.ema < 1.0:
+        raise SpineInpaintError(f"--ema must be in [0, 1) (0: off; 0.998 averages over ~500 steps), got {config.ema}")
     if config.init:
         _check_init(config)
     if config.threads:
@@ -508,12 +520,23 @@ def train_detector(config: TrainConfig) -> dict:
     out = Path(config.out)
     train, val = training_data(config, ctx)
     detector = det.Detector(config.arch, device=str(ctx.device), config=_architecture(config))
+    detector.set_box_loss(config.box_loss)
     last = out / "last.pt"
     if config.init and not (config.resume and last.exists()):
         # Fine-tuning: a fresh schedule from existing weights of the same architecture.
         training.load_weights(detector.model, Path(config.init))
     model = ctx.wrap(detector.model, find_unused_parameters=True)
     detector.model = model
+    # Validation and the saved weights use an exponential moving average of the weights when asked:
+    # the validation AP of the raw weights jumps by several points from one epoch to the next.
+    ema = None
+    evaluated = detector
+    if config.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(training.unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        evaluated = det.Detector(config.arch, model=ema.module, device=str(ctx.device))
+    saved_models = {"detector": model, **({"ema": ema} if ema is not None else {})}
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.default_lr(),
                                   weight_decay=1e-4)
     total_steps = config.epochs * config.steps_per_epoch
@@ -522,8 +545,10 @@ def train_detector(config: TrainConfig) -> dict:
         1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     start_epoch, best = 0, {"ap50": -1.0, "epoch": 0}
     if config.resume and last.exists():
-        state = training.load_checkpoint(last, models={"detector": model},
-                                         optimizers={"optimiser": optimiser})
+        if set(torch.load(last, map_location="cpu", weights_only=True)["models"]) != set(saved_models):
+            raise SpineInpaintError(f"{last} was written with another --ema setting: resume with the same "
+                                    "settings, or start afresh with --no-resume")
+        state = training.load_checkpoint(last, models=saved_models, optimizers={"optimiser": optimiser})
         start_epoch = state["epoch"]
         best = state["extra"].get("best", best)
         scheduler.last_epoch = start_epoch * config.steps_per_epoch
@@ -555,6 +580,8 @@ def train_detector(config: TrainConfig) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             optimiser.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(training.unwrap(model))
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / config.steps_per_epoch
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / config.steps_per_epoch
@@ -562,16 +589,21 @@ def train_detector(config: TrainConfig) -> dict:
         row = {"epoch": epoch, **{k: ctx.all_reduce_mean(v) for k, v in totals.items()},
                "lr": optimiser.param_groups[0]["lr"], "train_s": train_s}
         if ctx.is_main:
-            boxes, scores, _ = predict_samples(detector, val_images)
+            boxes, scores, _ = predict_samples(evaluated, val_images)
             scored = score_detections(boxes, scores, val_boxes)
             row.update({"val_ap50": scored["ap50"], "val_ap50_95": scored["ap50_95"],
                         "val_froc@1": scored.get("froc@1", float("nan"))})
+            current = {"ap50": scored["ap50"], "ap50_95": scored["ap50_95"], "epoch": epoch}
             if scored["ap50"] > best["ap50"]:
-                best = {"ap50": scored["ap50"], "ap50_95": scored["ap50_95"], "epoch": epoch}
-                training.save_weights(model, out / "best.safetensors",
+                best = current
+                training.save_weights(evaluated.model, out / "best.safetensors",
                                       _metadata(config, seed, best, train, val))
+            # The weights of the last epoch too: with --ema the average at the end of the schedule,
+            # which a noisy validation maximum early in fine-tuning may otherwise hide.
+            training.save_weights(evaluated.model, out / "final.safetensors",
+                                  _metadata(config, seed, current, train, val))
             log.append(**row)
-            training.save_checkpoint(last, epoch=epoch, models={"detector": model},
+            training.save_checkpoint(last, epoch=epoch, models=saved_models,
                                      optimizers={"optimiser": optimiser}, seed=seed, extra={"best": best})
             training.plot_curves(out / "metrics.csv", out / "curves.png",
                                  [("loss", [k for k in row if k in _LOSS_COLUMNS]),
@@ -609,7 +641,9 @@ def _recorded_architecture(config: TrainConfig) -> dict:
     return _architecture(config) if config.arch == "retinanet" else det.FASTER_RCNN_CONFIG
 
 
-def _metadata(config: TrainConfig, seed: int, best: dict, train: SampleSet, val: SampleSet) -> dict:
+def _metadata(config: TrainConfig, seed: int, scored: dict, train: SampleSet, val: SampleSet) -> dict:
+    """The weights' JSON: architecture, input, training settings and data, and ``scored`` (validation AP
+    and epoch of these weights)."""
     sources: dict[str, int] = {}
     for m in train.meta:
         sources[m["source"]] = sources.get(m["source"], 0) + 1
@@ -626,8 +660,8 @@ def _metadata(config: TrainConfig, seed: int, best: dict, train: SampleSet, val:
                      "val_samples": len(val), "samples_per_source": sources,
                      "augmentation": "rotation +-15 deg, left-right flip, crop shift +-12 mm, scale 0.9-1.1, "
                                      "Gaussian noise 0-25 HU"},
-        "metrics": {"val_ap50": best["ap50"], "val_ap50_95": best.get("ap50_95"),
-                    "best_epoch": best["epoch"]},
+        "metrics": {"val_ap50": scored["ap50"], "val_ap50_95": scored.get("ap50_95"), "epoch": scored["epoch"],
+                    "weights": "moving average of the weights (--ema)" if config.ema else "the weights"},
     }
 
 
@@ -937,7 +971,7 @@ def run_train(args) -> int:
                          epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, resume=not args.no_resume, device=args.device,
                          threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet,
-                         init=args.init)
+                         init=args.init, box_loss=args.box_loss, ema=args.ema)
     summary = train_detector(config)
     print(json.dumps(summary, indent=2))
     if args.export and (Path(out) / "best.safetensors").exists():
@@ -961,6 +995,8 @@ def run_evaluate(args) -> int:
     training.seed_everything(args.seed)
     detectors = {"RetinaNet (MONAI, ours)": det.load_detector(args.retinanet or det.DEFAULT_WEIGHTS,
                                                               arch="retinanet")}
+    if args.compare:
+        detectors[f"RetinaNet ({args.compare})"] = det.load_detector(args.compare, arch="retinanet")
     baseline = Path(args.faster_rcnn)
     if baseline.exists():
         detectors["Faster R-CNN VGG-16 (baseline)"] = det.load_detector(baseline, arch="faster_rcnn")
@@ -970,7 +1006,7 @@ def run_evaluate(args) -> int:
     retinanet = detectors["RetinaNet (MONAI, ours)"]
     volume_options, tuning = None, None
     if args.tune and not args.no_volume:
-        val_cases = [slim_case(c) for c in make_detection_cases("val", phantoms=6, real=6, healthy_phantoms=3)]
+        val_cases = [slim_case(c) for c in make_detection_cases("val", **TUNING_VOLUMES)]
         tuning = tune_volume_level(retinanet, val_cases)
         volume_options = {k: tuning["chosen"][k] for k in ("score_threshold", "slice_threshold", "min_slices")}
         print(f"volume-level thresholds tuned on {len(val_cases)} validation volumes: {volume_options} "

@@ -15,12 +15,15 @@ covers ``[j, j + 1)``; end exclusive), the convention of :mod:`SpineInpaintLib.d
 
 Detectors
 
-- ``retinanet``: :class:`monai.apps.detection.networks.retinanet_network.RetinaNet` on a small 2D
-  MONAI ResNet (``block_inplanes`` 24-48-96-192, one block per stage) with a 64-channel feature
-  pyramid on strides 8, 16 and 32, inside :class:`~monai.apps.detection.networks.retinanet_detector.
-  RetinaNetDetector` (ATSS matching, hard-negative sampling, NMS). Anchors
-  (:class:`~monai.apps.detection.utils.anchor_utils.AnchorGeneratorWithAnchorShape`) are 14 mm squares
-  and 10x20 / 20x10 mm rectangles, doubled per level: 10-80 mm, vertebral lesion sizes.
+- ``retinanet``: :class:`monai.apps.detection.networks.retinanet_network.RetinaNet` on a 2D MONAI
+  ResNet with a 64-channel feature pyramid, inside :class:`~monai.apps.detection.networks.
+  retinanet_detector.RetinaNetDetector` (ATSS matching, hard-negative sampling, NMS), in two presets
+  (:data:`RETINANET_PRESETS`): ``base`` (the default: two blocks per stage, 32-256 channels, pyramid
+  strides 4-32, anchors of 8 mm squares and 6x12 / 12x6 mm rectangles doubled per level, 6-96 mm)
+  and ``small`` (the first shipped detector: one block per stage, 24-192 channels, strides 8-32,
+  anchors 14 mm and 10x20 / 20x10 mm, 10-80 mm). Anchors come from
+  :class:`~monai.apps.detection.utils.anchor_utils.AnchorGeneratorWithAnchorShape`. Box regression
+  is trained with smooth L1 on the encoded offsets or generalised IoU (:data:`BOX_LOSSES`).
 - ``faster_rcnn``: :class:`torchvision.models.detection.FasterRCNN` on VGG-16's convolutional part
   up to conv5_3 (stride 16, 512 channels), an RPN with 3 scales x 3 ratios on that single map, RoI
   pooling (:class:`torchvision.ops.RoIPool`, 7x7, as the paper) and a two-layer MLP head. Deviations
@@ -51,6 +54,7 @@ from SpineInpaintLib import SpineInpaintError, io
 
 __all__ = [
     "ARCHITECTURES",
+    "BOX_LOSSES",
     "CROP_SIZE",
     "GRID_MM",
     "WINDOW",
@@ -83,6 +87,9 @@ __all__ = [
 
 #: Detector architectures.
 ARCHITECTURES = ("retinanet", "faster_rcnn")
+#: Box-regression losses of RetinaNet training: smooth L1 on the encoded offsets (MONAI's default) or
+#: generalised IoU on the decoded boxes (scale-free: a pixel off a 9-pixel box weighs as it does in AP).
+BOX_LOSSES = ("smooth_l1", "giou")
 #: Side of the square crop fed to the detectors (pixels).
 CROP_SIZE = 128
 #: Pixel size of the crop (mm).
@@ -256,9 +263,22 @@ def build_retinanet(in_channels: int = 3, *, config: dict | None = None, score_t
     detector.set_target_keys(box_key="boxes", label_key="labels")
     detector.set_box_selector_parameters(score_thresh=score_threshold, topk_candidates_per_level=300,
                                          nms_thresh=0.3, detections_per_img=20)
-    detector.set_box_regression_loss(torch.nn.SmoothL1Loss(beta=1.0 / 9, reduction="mean"),
-                                     encode_gt=True, decode_pred=False)
+    _apply_box_loss(detector, "smooth_l1")
     return detector
+
+
+def _apply_box_loss(detector, name: str) -> None:
+    """Set the box-regression loss ``name`` (:data:`BOX_LOSSES`) of a MONAI ``RetinaNetDetector``."""
+    import torch
+    from monai.losses import BoxGIoULoss
+
+    if name not in BOX_LOSSES:
+        raise SpineInpaintError(f"unknown box loss '{name}' (use {' or '.join(BOX_LOSSES)})")
+    if name == "giou":
+        detector.set_box_regression_loss(BoxGIoULoss(reduction="mean"), encode_gt=False, decode_pred=True)
+    else:
+        detector.set_box_regression_loss(torch.nn.SmoothL1Loss(beta=1.0 / 9, reduction="mean"), encode_gt=True,
+                                         decode_pred=False)
 
 
 def _check_retinanet_config(config: dict) -> dict:
@@ -394,6 +414,13 @@ class Detector:
 
     def parameters(self):
         return self.model.parameters()
+
+    def set_box_loss(self, name: str) -> None:
+        """Box-regression loss of RetinaNet training (:data:`BOX_LOSSES`); inference is unchanged."""
+        if self.arch == "retinanet":
+            _apply_box_loss(self.model, name)
+        elif name != "smooth_l1":
+            raise SpineInpaintError(f"--box-loss {name} is for RetinaNet; Faster R-CNN keeps torchvision's")
 
 
 def load_detector(path: str | Path | None = None, *, arch: str | None = None, device: str = "cpu",

@@ -58,7 +58,7 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.io import Volume
@@ -683,7 +683,7 @@ def _tumour_hu(rng: np.random.Generator, lesion_type: str, shape, spacing, noise
         blotch = _smooth_field(rng, shape, 3.0, spacing)
         cut = float(np.quantile(blotch[lesion & ~soft if (lesion & ~soft).any() else lesion], 1.0 - fraction))
         # A steep logistic: the two tissues meet over about one voxel.
-        share = 1.0 / (1.0 + np.exp(-(blotch - cut) / 0.1))
+        share = special.expit((blotch - cut) / 0.1)  # the logistic, without exp overflow far from the cut
         values = share * sclerotic + (1.0 - share) * lytic
         params.update(lytic_hu=round(lytic_hu, 2), sclerotic_hu=round(sclerotic_hu, 2),
                       sclerotic_fraction=round(fraction, 3))

@@ -192,6 +192,26 @@ def test_weights_round_trip_through_safetensors(tmp_path, tiny_samples):
         det.load_detector(tmp_path / "missing.safetensors")
 
 
+def test_giou_box_loss_trains_and_a_wrong_box_loss_is_refused_before_any_data_is_built(tmp_path, tiny_samples):
+    detector = det.Detector("retinanet")
+    rng = np.random.default_rng(0)
+    images, boxes = zip(*(dt.augment(tiny_samples.images[i], tiny_samples.masks[i], rng) for i in (0, 1)))
+    smooth = detector.loss(np.stack(images), list(boxes))["box_regression"].detach()
+    detector.set_box_loss("giou")
+    giou = detector.loss(np.stack(images), list(boxes))["box_regression"].detach()
+    # Generalised IoU loss lies in [0, 2]; an untrained head is far from the boxes.
+    assert torch.isfinite(giou) and 0.1 < float(giou) <= 2.0 and float(giou) != float(smooth)
+    with pytest.raises(SpineInpaintError, match="unknown box loss 'l2'"):
+        detector.set_box_loss("l2")
+    for config, message in ((dt.TrainConfig(box_loss="l2", out=str(tmp_path / "run"), cache=str(tmp_path / "cache")),
+                             "unknown box loss 'l2' \\(use smooth_l1 or giou\\)"),
+                            (dt.TrainConfig(arch="faster_rcnn", box_loss="giou", out=str(tmp_path / "run"),
+                                            cache=str(tmp_path / "cache")), "--box-loss giou is for RetinaNet")):
+        with pytest.raises(SpineInpaintError, match=message):
+            dt.train_detector(config)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 # --- metrics wrapper ------------------------------------------------------------------------------------
 def test_score_detections_on_hand_made_boxes():
     truth = [np.array([[0, 0, 10, 10]], float), np.zeros((0, 4))]
@@ -382,8 +402,9 @@ def test_detect_volume_rejects_a_mask_on_another_grid():
 
 
 # --- command line -----------------------------------------------------------------------------------------
-def test_evaluate_detection_with_missing_weights_is_a_one_line_error(tmp_path, capsys):
-    code = cli.main(["evaluate", "detection", "--retinanet", str(tmp_path / "none.safetensors"), "--quiet"])
+@pytest.mark.parametrize("flag", ["--retinanet", "--compare"])
+def test_evaluate_detection_with_missing_weights_is_a_one_line_error(flag, tmp_path, capsys):
+    code = cli.main(["evaluate", "detection", flag, str(tmp_path / "none.safetensors"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "detector weights not found" in err
 
@@ -430,6 +451,39 @@ def test_init_starts_the_training_from_the_given_weights(tmp_path, tiny_samples)
     assert learned and all(torch.allclose(shipped[k].float(), tuned[k].float(), atol=1e-6) for k in learned)
     meta = json.loads((tmp_path / "run" / "best.json").read_text())
     assert meta["training"]["init"] == str(det.DEFAULT_WEIGHTS)
+
+
+def test_ema_weights_are_the_running_average_saved_and_resumed(tmp_path, tiny_samples):
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tiny_samples.save(cache / "train.npz")
+    tiny_samples.save(cache / "val.npz")
+    run = tmp_path / "run"
+    settings = dict(out=str(run), cache=str(cache), steps_per_epoch=1, batch_size=2, lr=1.0, progress=False,
+                    resume=True, threads=1, ema=0.5)
+    dt.train_detector(dt.TrainConfig(epochs=2, max_minutes=1e-9, **settings))  # stops after epoch 1
+    first = torch.load(run / "last.pt", weights_only=True)["models"]
+    name = "network.classification_head.cls_logits.weight"
+    # The first update copies the weights; the second (after resuming) averages with decay 0.5.
+    torch.testing.assert_close(first["ema"]["module." + name], first["detector"][name])
+    dt.train_detector(dt.TrainConfig(epochs=2, **settings))
+    second = torch.load(run / "last.pt", weights_only=True)["models"]
+    expected = 0.5 * first["detector"][name] + 0.5 * second["detector"][name]
+    torch.testing.assert_close(second["ema"]["module." + name], expected)
+    assert not torch.allclose(second["detector"][name], first["detector"][name])
+    # The saved weights are the average's: the best by validation AP, and the last epoch's.
+    saved = load_file(str(run / "best.safetensors"))[name].float()
+    assert any(torch.allclose(saved, state["ema"]["module." + name].float(), atol=1e-6) for state in (first, second))
+    final = load_file(str(run / "final.safetensors"))[name].float()
+    torch.testing.assert_close(final, second["ema"]["module." + name].float())
+    assert json.loads((run / "final.json").read_text())["metrics"]["epoch"] == 2
+    # Resuming the averaged run without the average (or the other way round) is a one-line error.
+    with pytest.raises(SpineInpaintError, match="another --ema setting"):
+        dt.train_detector(dt.TrainConfig(epochs=3, **{**settings, "ema": 0.0}))
+    with pytest.raises(SpineInpaintError, match="--ema must be in \\[0, 1\\)"):
+        dt.train_detector(dt.TrainConfig(**{**settings, "ema": 1.0}))
 
 
 def test_shipped_retinanet_weights_are_small_and_documented():
