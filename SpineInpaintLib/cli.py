@@ -268,8 +268,6 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="start from these weights (.safetensors; fine-tuning), unless resuming")
     parser.add_argument("--low-resolution", type=float, default=0.0,
                         help="probability of the coarse-scan augmentation (crops down-sampled to 40-100 %% and back)")
-    parser.add_argument("--soft-targets", action="store_true",
-                        help="train on partial-volume targets (each pixel's spine fraction) instead of hard labels")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="crops per step and process")

@@ -75,19 +75,12 @@ class CachedCase:
         return self._classes
 
     @property
-    def spine(self) -> np.ndarray | None:
-        """Spine fraction of each pixel (uint8, 255 = all spine; soft training), or None in older caches."""
-        path = self.folder / f"{self.case_id}_spine.npy"
-        return np.load(path, mmap_mode="r") if path.exists() else None
-
-    @property
     def spine_slices(self) -> np.ndarray:
         return np.nonzero(self.classes.reshape(self.classes.shape[0], -1).any(axis=1))[0]
 
 
 def cache_case(case: datasets.Case, folder: Path) -> dict:
-    """Resample a case to the network grid and write ``<id>_ct.npy``, ``<id>_labels.npy`` and
-    ``<id>_spine.npy`` (the spine fraction of each pixel, :func:`segmentation.spine_fraction_grid`)."""
+    """Resample a case to the network grid and write ``<id>_ct.npy`` and ``<id>_labels.npy``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ct = seg.to_network_grid(case.ct)
@@ -95,8 +88,6 @@ def cache_case(case: datasets.Case, folder: Path) -> dict:
     vertebrae = np.where((labels.array >= 25) & (labels.array <= 50), labels.array, 0).astype(np.uint8)
     np.save(folder / f"{case.case_id}_ct.npy", np.clip(np.round(ct.array), -1024, 3071).astype(np.int16))
     np.save(folder / f"{case.case_id}_labels.npy", vertebrae)
-    fraction = seg.spine_fraction_grid(case.labels).array
-    np.save(folder / f"{case.case_id}_spine.npy", np.round(fraction * 255.0).astype(np.uint8))
     info = {"case_id": case.case_id, "source": case.source, "seed": int(case.seed),
             "split": datasets.split_of(case.case_id), "z_spacing": float(ct.spacing[2]),
             "shape_zyx": list(ct.shape), "lesion": case.lesion is not None or bool(case.info.get("mask") is not None
@@ -180,30 +171,22 @@ class CropSampler:
     """
 
     def __init__(self, cases: Sequence[CachedCase], crop: int = 160, seed: int = 0, augment: bool = True,
-                 real_weight: float = 1.0, low_resolution: float = 0.0, soft: bool = False):
+                 real_weight: float = 1.0, low_resolution: float = 0.0):
         if not cases:
             raise SpineInpaintError("no training cases")
-        if soft:
-            missing = [c.case_id for c in cases if c.spine is None]
-            if missing:
-                raise SpineInpaintError(f"soft targets need the spine fractions of the cache, missing for "
-                                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: "
-                                        "rebuild the cache (a new --cache folder)")
         self.cases = list(cases)
         self.crop = int(crop)
         self.rng = np.random.default_rng(seed)
         self.augment = augment
-        self.soft = bool(soft)
-        self.transform = seg.train_transforms(seed, low_resolution, soft=self.soft) if augment else None
+        self.transform = seg.train_transforms(seed, low_resolution) if augment else None
         # Cases are drawn in proportion to their spine slices; real scans (few, but the anatomy the
         # phantoms only approximate) can be drawn ``real_weight`` times as often.
         weights = np.array([len(c.spine_slices) * (real_weight if c.source == "real" else 1.0)
                             for c in self.cases], float)
         self.weights = weights / weights.sum()
 
-    def _crop_at(self, case: CachedCase, z: int, centre: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The 2.5D input, class target and spine fraction (float32, 0-1) of a ``crop`` square centred at
-        ``centre`` (padded with air)."""
+    def _crop_at(self, case: CachedCase, z: int, centre: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The 2.5D input and class target of a ``crop`` square centred at ``centre`` (padded with air)."""
         n, rows, cols = case.ct.shape
         offset = seg.NEIGHBOUR_MM / case.z_spacing
         z0, z1 = max(0, int(np.floor(z - offset))), min(n - 1, int(np.ceil(z + offset)))
@@ -215,10 +198,7 @@ class CropSampler:
         dst = (slice(rr.start - r0, rr.stop - r0), slice(cc.start - c0, cc.stop - c0))
         hu[(slice(None),) + dst] = case.ct[z0:z1 + 1, rr, cc]
         target[dst] = case.classes[z, rr, cc]
-        fraction = np.zeros((self.crop, self.crop), np.float32)
-        spine = case.spine
-        fraction[dst] = spine[z, rr, cc] / 255.0 if spine is not None else target[dst] > 0
-        return seg.channel_stack(hu, case.z_spacing, [z - z0])[0], target, fraction
+        return seg.channel_stack(hu, case.z_spacing, [z - z0])[0], target
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         case = self.cases[self.rng.choice(len(self.cases), p=self.weights)]
@@ -231,24 +211,15 @@ class CropSampler:
             centre = (int(rows.mean() + self.rng.normal(0, 15)), int(cols.mean() + self.rng.normal(0, 15)))
         else:
             centre = (int(self.rng.integers(target.shape[0])), int(self.rng.integers(target.shape[1])))
-        image, label, fraction = self._crop_at(case, z, centre)
+        image, label = self._crop_at(case, z, centre)
         if self.transform is not None:
-            data = {"image": image, "label": label[None]}
-            if self.soft:
-                data["spine"] = fraction[None]
-            out = self.transform(data)
+            out = self.transform({"image": image, "label": label[None]})
             image, label = np.asarray(out["image"]), np.asarray(out["label"])[0]
-            if self.soft:
-                fraction = np.asarray(out["spine"])[0]
-        label = np.rint(label).astype(np.int64)
-        if self.soft:
-            return image.astype(np.float32), label, seg.soft_targets(label, fraction)
-        return image.astype(np.float32), label
+        return image.astype(np.float32), np.rint(label).astype(np.int64)
 
-    def batch(self, size: int) -> tuple[np.ndarray, ...]:
-        """``size`` samples stacked: inputs and class maps, and with ``soft`` the class probabilities."""
-        samples = [self.sample() for _ in range(size)]
-        return tuple(np.stack([s[k] for s in samples]) for k in range(len(samples[0])))
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self.sample() for _ in range(size)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
 def slice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, int, int]:
@@ -280,7 +251,7 @@ def _val_batches(cases: Sequence[CachedCase], per_case: int, crop: int) -> tuple
         sampler = CropSampler([case], crop=crop, augment=False)
         for z in slices[np.linspace(0, slices.size - 1, min(per_case, slices.size)).round().astype(int)]:
             rows, cols = np.nonzero(case.classes[z])
-            image, target, _ = sampler._crop_at(case, int(z), (int(rows.mean()), int(cols.mean())))
+            image, target = sampler._crop_at(case, int(z), (int(rows.mean()), int(cols.mean())))
             images.append(image)
             targets.append(target.astype(np.int64))
     if not images:
@@ -295,7 +266,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                        val_per_case: int = 12, export: Path | None = None, threads: int | None = None,
                        progress: bool = True, data_note: str = "", phantom_seeds: tuple[int, int] | None = None,
                        healthy_fraction: float = 0.3, real: Sequence[str] = (), real_weight: float = 1.0,
-                       init: Path | None = None, low_resolution: float = 0.0, soft: bool = False) -> dict:
+                       init: Path | None = None, low_resolution: float = 0.0) -> dict:
     """Train one network on the cached cases; returns a summary (last epoch's metrics, paths).
 
     Writes ``out/checkpoint.pt`` every epoch (resumed from when present and ``resume``),
@@ -304,8 +275,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
     ``out/<net>.safetensors`` + JSON metadata at the end (also to ``export`` when given).
     ``init`` starts a fresh run from existing weights (fine-tuning; ignored when resuming), and
     ``real_weight`` draws real-scan cases that many times as often as their slice count says, and
-    ``low_resolution`` is the probability of the coarse-scan augmentation (:func:`seg.train_transforms`);
-    ``soft`` trains on partial-volume targets (:func:`seg.soft_targets` of the cached spine fractions).
+    ``low_resolution`` is the probability of the coarse-scan augmentation (:func:`seg.train_transforms`).
     Under ``torchrun`` each process draws its own crops and DDP averages the gradients; only rank 0
     writes.
     """
@@ -349,7 +319,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
             break
         # Seeds per (epoch, rank): a resumed run draws the same crops as an uninterrupted one.
         sampler = CropSampler(train_cases_, crop=crop, seed=seed * 100_003 + epoch * 101 + ctx.rank,
-                              real_weight=real_weight, low_resolution=low_resolution, soft=soft)
+                              real_weight=real_weight, low_resolution=low_resolution)
         current_lr = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, epochs)))
         for group in optimizer.param_groups:
             group["lr"] = current_lr
@@ -359,10 +329,10 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
         steps = steps_per_epoch if max_steps is None else min(steps_per_epoch, max_steps - steps_done)
         bar = tqdm(range(steps), desc=f"{net} epoch {epoch}/{epochs}", unit="step", disable=not (progress and ctx.is_main))
         for _ in bar:
-            x, y, *soft_target = sampler.batch(batch_size)
+            x, y = sampler.batch(batch_size)
             x, y = torch.from_numpy(x).to(ctx.device), torch.from_numpy(y).to(ctx.device)
             logits = model(x)
-            loss = loss_fn(logits, torch.from_numpy(soft_target[0]).to(ctx.device) if soft else y)
+            loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -414,7 +384,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                          "data": data_note, "phantom_seeds": list(phantom_seeds) if phantom_seeds else None,
                          "healthy_fraction": healthy_fraction, "real_in_training": list(real),
                          "real_weight": real_weight, "init": str(init) if init else None,
-                         "low_resolution_augmentation": low_resolution, "soft_targets": soft},
+                         "low_resolution_augmentation": low_resolution},
             "metrics_last_epoch": summary,
         }
         weights = training.save_weights(model, out / f"{net}.safetensors", meta)
@@ -578,7 +548,7 @@ def run_train(args: argparse.Namespace) -> int:
         export=Path(args.export) if args.export else None, threads=args.threads, data_note=note,
         phantom_seeds=phantom_seeds, healthy_fraction=args.healthy_fraction,
         real=real, real_weight=args.real_weight, init=Path(args.init) if args.init else None,
-        low_resolution=args.low_resolution, soft=args.soft_targets)
+        low_resolution=args.low_resolution)
     if ctx.is_main:
         print(json.dumps(summary, indent=2))
     return 0

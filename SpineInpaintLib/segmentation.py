@@ -41,7 +41,6 @@ from SpineInpaintLib import SpineInpaintError, io
 __all__ = [
     "NETWORKS",
     "GRID_MM",
-    "spine_fraction_grid",
     "NEIGHBOUR_MM",
     "WINDOWS",
     "CLASS_IDS",
@@ -64,7 +63,6 @@ __all__ = [
     "segment_volume",
     "export_vertebra",
     "segmentation_loss",
-    "soft_targets",
     "train_transforms",
 ]
 
@@ -156,24 +154,6 @@ def to_network_grid(volume: io.Volume, *, labels: bool = False) -> io.Volume:
     if not labels and lps.array.dtype not in (np.float32, np.float64):
         lps = lps.with_array(lps.array.astype(np.float32))
     return io.resample_to_spacing(lps, spacing, labels=labels, default=default)
-
-
-def spine_fraction_grid(labels: io.Volume) -> io.Volume:
-    """The fraction of each network-grid pixel covered by spine (vertebra ids 25-50), float32 in [0, 1].
-
-    The partial-volume target of soft training: the input's spine mask smoothed in-plane by a
-    Gaussian with the variance of a :data:`GRID_MM`-wide box (the pixel's area average, centred)
-    and sampled on the grid of :func:`to_network_grid`. A network that reproduced it would lose
-    almost nothing to the grid (IoU 0.99 on the test phantoms; a hard mask on the grid 0.94).
-    """
-    from SpineInpaintLib.datasets import spine_mask
-
-    lps = io.reorient(labels, "LPS")
-    spine = spine_mask(lps.array).astype(np.float32)
-    sigma = [GRID_MM / s / np.sqrt(12.0) for s in lps.spacing_zyx[1:]]
-    smooth = ndimage.gaussian_filter(spine, [0.0] + sigma)
-    grid = io.resample_to_spacing(lps.with_array(smooth), (GRID_MM, GRID_MM, lps.spacing[2]), default=0.0)
-    return grid.with_array(np.clip(grid.array, 0.0, 1.0).astype(np.float32))
 
 
 def _window(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -484,24 +464,22 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
 
 
 # --- training pieces (MONAI transforms and loss) -------------------------------------------------
-def train_transforms(seed: int = 0, low_resolution: float = 0.0, soft: bool = False):
+def train_transforms(seed: int = 0, low_resolution: float = 0.0):
     """MONAI augmentation of a 2.5D crop: dict ``{'image': (4, H, W), 'label': (1, H, W)}``.
 
     Affine jitter (rotation +-10 deg, scale +-10 %, shear), left-right flips (the level of a
     vertebra does not depend on the side), intensity scale and shift (other scanners' calibration and
     kernels), Gaussian noise and blur, and (``low_resolution`` > 0, that probability) a coarser scan:
     the crop down-sampled to 40-100 % of its pixels and back (3-4 mm pixels at most), as thick-slice
-    clinical CT looks on the 1.5 mm grid. ``soft``: the dict also holds ``'spine'`` (1, H, W), the
-    spine fraction of soft training, moved with the label but interpolated bilinearly.
+    clinical CT looks on the 1.5 mm grid.
     """
     from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised, RandGaussianSmoothd,
                                   RandScaleIntensityd, RandShiftIntensityd, RandSimulateLowResolutiond)
 
-    keys = ("image", "label", "spine") if soft else ("image", "label")
-    modes = ("bilinear", "nearest", "bilinear") if soft else ("bilinear", "nearest")
+    keys = ("image", "label")
     transform = Compose([
         RandAffined(keys, prob=0.7, rotate_range=np.deg2rad(10.0), scale_range=0.1, shear_range=0.05,
-                    mode=modes, padding_mode="zeros"),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
         RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandScaleIntensityd("image", factors=0.1, prob=0.3),
         RandShiftIntensityd("image", offsets=0.04, prob=0.3),
@@ -516,49 +494,25 @@ def train_transforms(seed: int = 0, low_resolution: float = 0.0, soft: bool = Fa
 def segmentation_loss():
     """Dice + cross-entropy over the classes (MONAI ``DiceCELoss``) plus a Dice of the binary spine mask.
 
-    The returned function takes logits (B, C, H, W) and either class indices (B, H, W) or, for soft
-    (partial-volume) training, class probabilities (B, C, H, W) (:func:`soft_targets`). The binary
-    term (``1 - p(background)`` against the spine, or its fraction) weighs the spine mask, the
-    paper's output, beside the harder per-level classes.
+    The returned function takes logits (B, C, H, W) and class indices (B, H, W). The binary term
+    (``1 - p(background)`` against any vertebra) weighs the spine mask, the paper's output, beside
+    the harder per-level classes.
     """
     import torch
     from monai.losses import DiceCELoss, DiceLoss
 
     # Smoothing 1 (not MONAI's 1e-5): a level absent from a batch and predicted absent scores ~0,
     # instead of a penalty that depends on how many 1e-9 probabilities add up.
-    settings = dict(softmax=True, include_background=False, batch=True, smooth_nr=1.0, smooth_dr=1.0)
-    multi = DiceCELoss(to_onehot_y=True, **settings)
-    multi_soft = DiceCELoss(to_onehot_y=False, **settings)
+    multi = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                       smooth_nr=1.0, smooth_dr=1.0)
     binary = DiceLoss(sigmoid=False, batch=True, smooth_nr=1.0, smooth_dr=1.0)
 
     def loss(logits: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
-        spine_prob = 1.0 - torch.softmax(logits, dim=1)[:, :1]
-        if target.dim() == logits.dim():  # class probabilities
-            return multi_soft(logits, target) + binary(spine_prob, 1.0 - target[:, :1])
         target = target.long().unsqueeze(1)
+        spine_prob = 1.0 - torch.softmax(logits, dim=1)[:, :1]
         return multi(logits, target) + binary(spine_prob, (target > 0).float())
 
     return loss
-
-
-def soft_targets(classes: np.ndarray, fraction: np.ndarray, n_classes: int = N_CLASSES) -> np.ndarray:
-    """Class probabilities (C, H, W) from a class map and the spine fraction of each pixel.
-
-    Background gets ``1 - fraction``; the spine share goes to the class of the nearest spine pixel
-    of ``classes`` (a pixel half covered by L3's cortex is half L3). Without any spine pixel in
-    ``classes`` the share goes to class 1 (other vertebrae).
-    """
-    classes = np.asarray(classes)
-    fraction = np.clip(np.asarray(fraction, np.float32), 0.0, 1.0)
-    if classes.any():
-        _, (rows, cols) = ndimage.distance_transform_edt(classes == 0, return_indices=True)
-        nearest = classes[rows, cols]
-    else:
-        nearest = np.ones_like(classes)
-    out = np.zeros((n_classes,) + classes.shape, np.float32)
-    np.put_along_axis(out, nearest[None].astype(np.int64), fraction[None], axis=0)
-    out[0] = 1.0 - fraction
-    return out
 
 
 # --- models --------------------------------------------------------------------------------------

@@ -375,62 +375,6 @@ def test_loss_prefers_the_right_answer():
     assert float(loss(right, target)) < 0.05 < 1.0 < float(loss(wrong, target))
 
 
-def test_soft_targets_share_each_pixel_between_background_and_the_nearest_level():
-    out = seg.soft_targets(np.array([[0, 3, 3, 0, 0]]), np.array([[0.2, 1.0, 0.6, 0.1, 0.0]]))
-    assert out.shape == (seg.N_CLASSES, 1, 5)
-    np.testing.assert_allclose(out[0], [[0.8, 0.0, 0.4, 0.9, 1.0]], atol=1e-6)
-    np.testing.assert_allclose(out[3], [[0.2, 1.0, 0.6, 0.1, 0.0]], atol=1e-6)
-    np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-6)
-    # Between two levels each edge pixel's share goes to the nearer one; no level at all: class 1.
-    two = seg.soft_targets(np.array([[5, 0, 0, 0, 6]]), np.array([[1.0, 0.5, 0.0, 0.5, 1.0]]))
-    assert two[5, 0, 1] == pytest.approx(0.5) and two[6, 0, 3] == pytest.approx(0.5) and two[6, 0, 1] == 0
-    assert seg.soft_targets(np.zeros((1, 2), int), np.array([[0.3, 0.0]]))[1, 0, 0] == pytest.approx(0.3)
-
-
-def test_spine_fraction_grid_keeps_the_area_and_the_edges():
-    labels = np.zeros((3, 100, 100), np.uint8)
-    labels[:, 21:61, 33:63] = 29  # 20 x 15 mm at 0.5 mm, edges off the 1.5 mm grid
-    labels[:, 70:80, 70:80] = 5  # not spine
-    volume = io.Volume(labels, (0.5, 0.5, 2.0), (0.0, 0.0, 0.0), np.eye(3))
-    fraction = seg.spine_fraction_grid(volume)
-    assert fraction.spacing[:2] == (seg.GRID_MM, seg.GRID_MM) and fraction.array.dtype == np.float32
-    assert fraction.array.min() >= 0.0 and fraction.array.max() <= 1.0
-    area = fraction.array[1].sum() * seg.GRID_MM ** 2
-    assert area == pytest.approx(20 * 15, rel=0.03)
-    back = io.resample_like(fraction, volume).array[1] > 0.5
-    truth = labels[1] == 29
-    assert np.count_nonzero(back & truth) / np.count_nonzero(back | truth) > 0.97
-
-
-def test_soft_loss_with_one_hot_targets_equals_the_hard_loss():
-    torch.manual_seed(0)
-    logits = torch.randn(2, seg.N_CLASSES, 16, 16)
-    target = torch.randint(0, seg.N_CLASSES, (2, 16, 16))
-    one_hot = torch.nn.functional.one_hot(target, seg.N_CLASSES).permute(0, 3, 1, 2).float()
-    loss = seg.segmentation_loss()
-    assert float(loss(logits, one_hot)) == pytest.approx(float(loss(logits, target)), rel=1e-5)
-
-
-def test_soft_sampler_gives_class_probabilities_and_needs_the_spine_fractions(tiny_cache, tmp_path):
-    cases = st.load_cache(tiny_cache)
-    images, classes, targets = st.CropSampler(cases, crop=32, seed=0, soft=True).batch(4)
-    assert images.shape == (4, seg.IN_CHANNELS, 32, 32) and targets.shape == (4, seg.N_CLASSES, 32, 32)
-    np.testing.assert_allclose(targets.sum(1), 1.0, atol=1e-5)
-    spine_share = 1.0 - targets[:, 0]
-    assert classes.any() and np.mean(spine_share[classes > 0] > 0.5) > 0.95
-    assert np.mean(spine_share[classes == 0] < 0.5) > 0.95
-    # A cache written before the spine fractions: a one-line error naming the case.
-    old = tmp_path / "old"
-    old.mkdir()
-    for path in tiny_cache.glob("synthetic_0*"):
-        if not path.name.endswith("_spine.npy"):
-            (old / path.name).write_bytes(path.read_bytes())
-    with pytest.raises(SpineInpaintError, match="soft targets need the spine fractions of the cache, missing for "
-                                                "synthetic_0"):
-        st.CropSampler(st.load_cache(old), crop=32, soft=True)
-    assert st.CropSampler(st.load_cache(old), crop=32).batch(1)[1].shape == (1, 32, 32)
-
-
 def test_folds_partition_cases_and_test_split_stays_out(tiny_cache):
     ids = [f"phantom_{k:04d}" for k in range(200)]
     folds = [st.fold_of(i, 10) for i in ids]
@@ -482,13 +426,6 @@ def test_init_starts_from_given_weights_and_records_them(tiny_cache, tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     meta = json.loads((tmp_path / "b" / "unet.json").read_text())
     assert meta["training"]["init"] == str(source) and meta["training"]["real_weight"] == 1.0
-
-
-def test_soft_training_runs_and_is_recorded(tiny_cache, tmp_path):
-    kwargs = dict(steps_per_epoch=1, batch_size=2, crop=32, seed=3, threads=1, progress=False, val_per_case=2)
-    summary = st.train_segmentation("unet", tmp_path / "soft", tiny_cache, epochs=1, soft=True, **kwargs)
-    assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_loss"])
-    assert json.loads((tmp_path / "soft" / "unet.json").read_text())["training"]["soft_targets"] is True
 
 
 def test_real_weight_draws_real_scans_more_often(tiny_cache):

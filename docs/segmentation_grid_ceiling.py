@@ -7,8 +7,8 @@ output back (linear interpolation, > 0.5). Three grid outputs a perfect network 
 
 - ``soft``: the mask's value interpolated at each grid point (between 0 and 1 near the edge);
 - ``hard``: the same thresholded at 0.5 on the grid, what training on nearest-neighbour labels teaches;
-- ``area``: about the fraction of each grid pixel's area that is spine
-  (:func:`segmentation.spine_fraction_grid`, the target of ``train segmentation --soft-targets``).
+- ``area``: about the fraction of each grid pixel's area that is spine (the mask smoothed first by a
+  Gaussian with the variance of a pixel-wide box).
 
 Usage (about 20 s a phantom)::
 
@@ -23,6 +23,7 @@ import sys
 import warnings
 
 import numpy as np
+from scipy import ndimage
 
 from SpineInpaintLib import datasets, io, metrics, segmentation, seg_train
 
@@ -30,11 +31,15 @@ from SpineInpaintLib import datasets, io, metrics, segmentation, seg_train
 def ceilings(labels: io.Volume, grid_mm: float) -> dict[str, float]:
     """IoU of the true spine mask after the round trip through a ``grid_mm`` grid, per grid output."""
     truth = datasets.spine_mask(labels.array) > 0
+    spacing_yx = labels.spacing_zyx[1:]
     saved = segmentation.GRID_MM
-    segmentation.GRID_MM = grid_mm  # both grid functions read the module constant
+    segmentation.GRID_MM = grid_mm  # to_network_grid reads the module constant
     try:
         point = segmentation.to_network_grid(labels.with_array(truth.astype(np.float32)))
-        area = segmentation.spine_fraction_grid(labels)  # the soft-training target
+        # A centred Gaussian with the variance of a grid-pixel-wide box: the area average.
+        sigma = [0.0] + [grid_mm / s / np.sqrt(12.0) for s in spacing_yx]
+        area = segmentation.to_network_grid(labels.with_array(
+            ndimage.gaussian_filter(truth.astype(np.float32), sigma)))
     finally:
         segmentation.GRID_MM = saved
 
