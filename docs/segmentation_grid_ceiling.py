@@ -1,7 +1,7 @@
 """How high can the phantom spine IoU go for a network that works on a coarser in-plane grid?
 
 For each held-out test phantom of the shipped U-Net (``seg_train._test_phantoms``), the true spine
-mask is taken to the network grid (``segmentation.to_network_grid`` at 1.5 mm, and 1.0 mm for
+mask is taken to the network grid (that of ``segmentation.to_network_grid``, 1.5 mm, and 1.0 mm for
 comparison) and brought back to the phantom's grid as ``segment_volume`` brings the network's
 output back (linear interpolation, > 0.5). Three grid outputs a perfect network could give:
 
@@ -31,17 +31,16 @@ from SpineInpaintLib import datasets, io, metrics, segmentation, seg_train
 def ceilings(labels: io.Volume, grid_mm: float) -> dict[str, float]:
     """IoU of the true spine mask after the round trip through a ``grid_mm`` grid, per grid output."""
     truth = datasets.spine_mask(labels.array) > 0
-    spacing_yx = labels.spacing_zyx[1:]
-    saved = segmentation.GRID_MM
-    segmentation.GRID_MM = grid_mm  # to_network_grid reads the module constant
-    try:
-        point = segmentation.to_network_grid(labels.with_array(truth.astype(np.float32)))
-        # A centred Gaussian with the variance of a grid-pixel-wide box: the area average.
-        sigma = [0.0] + [grid_mm / s / np.sqrt(12.0) for s in spacing_yx]
-        area = segmentation.to_network_grid(labels.with_array(
-            ndimage.gaussian_filter(truth.astype(np.float32), sigma)))
-    finally:
-        segmentation.GRID_MM = saved
+    lps = io.reorient(labels.with_array(truth.astype(np.float32)), "LPS")
+
+    def to_grid(mask: np.ndarray) -> io.Volume:
+        # The network grid of segmentation.to_network_grid, with 0 (not air) outside the volume.
+        return io.resample_to_spacing(lps.with_array(mask), (grid_mm, grid_mm, lps.spacing[2]), default=0.0)
+
+    point = to_grid(lps.array)
+    # A centred Gaussian with the variance of a grid-pixel-wide box: the area average.
+    sigma = [0.0] + [grid_mm / s / np.sqrt(12.0) for s in lps.spacing_zyx[1:]]
+    area = to_grid(ndimage.gaussian_filter(lps.array, sigma))
 
     def back(grid: io.Volume) -> np.ndarray:
         return io.resample_like(grid, labels).array > 0.5
