@@ -335,6 +335,8 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", type=float, default=0.0,
                         help="validate and save an exponential moving average of the weights with this decay "
                         "(e.g. 0.998; default 0: the raw weights)")
+    parser.add_argument("--small-box-weight", type=float, default=1.0,
+                        help="draw lesion slices whose box has a side under 10 mm this many times as often")
     _add_run_control(parser)
     parser.add_argument("--export",
                         help="also copy the best weights, metadata and curves here (e.g. Resources/detection)")

@@ -67,6 +67,8 @@ __all__ = [
 CACHE_SIZE = 176
 #: Smallest lesion cross-section (mm, both sides) that makes a slice a positive sample.
 MIN_BOX_MM = 5.0
+#: Boxes with a side under this (mm) count as small for ``--small-box-weight``.
+SMALL_BOX_MM = 10.0
 #: Loss columns of the metrics log (RetinaNet's and Faster R-CNN's names).
 _LOSS_COLUMNS = ("loss", "classification", "box_regression", "loss_classifier", "loss_objectness")
 #: Validation volumes the volume-level thresholds are tuned on (``evaluate detection --tune``): 30
@@ -414,6 +416,7 @@ class TrainConfig:
     init: str | None = None
     box_loss: str = "smooth_l1"
     ema: float = 0.0
+    small_box_weight: float = 1.0
 
     def default_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.arch == "retinanet" else 2e-4)
@@ -459,13 +462,29 @@ def training_data(config: TrainConfig,
     return train, val
 
 
+def positive_draw_weights(samples: SampleSet, positives: np.ndarray, small_box_weight: float,
+                          small_mm: float = SMALL_BOX_MM) -> np.ndarray | None:
+    """Probabilities of drawing each positive sample: ``small_box_weight`` times as high for a slice
+    whose smallest box has a side under ``small_mm`` (a lesion's first and last slices, where boxes
+    are hardest to place); None (uniform) for a weight of 1."""
+    if small_box_weight == 1.0 or not len(positives):
+        return None
+    smallest = np.array([(b[:, 2:] - b[:, :2]).min() * det.GRID_MM if len(b) else np.inf
+                         for b in (boxes_from_instances(samples.masks[i]) for i in positives)])
+    weights = np.where(smallest < small_mm, small_box_weight, 1.0)
+    return weights / weights.sum()
+
+
 def _batch(samples: SampleSet, positives: np.ndarray, negatives: np.ndarray, batch_size: int,
-           positive_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+           positive_fraction: float, rng: np.random.Generator,
+           positive_p: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     images, boxes = [], []
     for _ in range(batch_size):
         use_positive = (rng.random() < positive_fraction and positives.size) or not negatives.size
-        pool = positives if use_positive else negatives
-        i = int(rng.choice(pool))
+        if use_positive:
+            i = int(rng.choice(positives, p=positive_p))
+        else:
+            i = int(rng.choice(negatives))
         image, b = augment(samples.images[i], samples.masks[i], rng)
         images.append(image)
         boxes.append(b)
@@ -509,6 +528,8 @@ def train_detector(config: TrainConfig) -> dict:
         raise SpineInpaintError(f"unknown box loss '{config.box_loss}' (use {' or '.join(det.BOX_LOSSES)})")
     if config.arch != "retinanet" and config.box_loss != "smooth_l1":
         raise SpineInpaintError(f"--box-loss {config.box_loss} is for RetinaNet; Faster R-CNN keeps torchvision's")
+    if config.small_box_weight <= 0:
+        raise SpineInpaintError(f"--small-box-weight must be > 0, got {config.small_box_weight}")
     if not 0.0 <= config.ema < 1.0:
         raise SpineInpaintError(f"--ema must be in [0, 1) (0: off; 0.998 averages over ~500 steps), got {config.ema}")
     if config.init:
@@ -557,6 +578,7 @@ def train_detector(config: TrainConfig) -> dict:
         log = training.MetricsLog(out / "metrics.csv", resume_epoch=start_epoch if config.resume else 0)
     positives = np.array([i for i, m in enumerate(train.meta) if m["lesion_type"] != "none"], int)
     negatives = np.array([i for i, m in enumerate(train.meta) if m["lesion_type"] == "none"], int)
+    positive_p = positive_draw_weights(train, positives, config.small_box_weight)
     val_images, val_boxes = val.centre_crops(), val.centre_boxes()
     started = time.time()
     summary = {"arch": config.arch, "seed": seed, "train_samples": len(train),
@@ -571,8 +593,8 @@ def train_detector(config: TrainConfig) -> dict:
             steps = tqdm(steps, desc=f"{config.arch} epoch {epoch}/{config.epochs}", unit="step", leave=False)
         t0 = time.time()
         for _ in steps:
-            images, boxes = _batch(train, positives, negatives, config.batch_size, config.positive_fraction,
-                                   rng)
+            images, boxes = _batch(train, positives, negatives, config.batch_size, config.positive_fraction, rng,
+                                   positive_p)
             losses = detector.loss(images, boxes)
             loss = sum(losses.values())
             optimiser.zero_grad()
@@ -971,7 +993,8 @@ def run_train(args) -> int:
                          epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, resume=not args.no_resume, device=args.device,
                          threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet,
-                         init=args.init, box_loss=args.box_loss, ema=args.ema)
+                         init=args.init, box_loss=args.box_loss, ema=args.ema,
+                         small_box_weight=args.small_box_weight)
     summary = train_detector(config)
     print(json.dumps(summary, indent=2))
     if args.export and (Path(out) / "best.safetensors").exists():

@@ -486,6 +486,23 @@ def test_ema_weights_are_the_running_average_saved_and_resumed(tmp_path, tiny_sa
         dt.train_detector(dt.TrainConfig(**{**settings, "ema": 1.0}))
 
 
+def test_small_box_weight_draws_slices_with_small_boxes_more_often(tmp_path):
+    masks = np.zeros((3, dt.CACHE_SIZE, dt.CACHE_SIZE), np.uint8)
+    masks[0, 50:56, 50:80] = 1  # 6 x 30 px: small (1 mm pixels)
+    masks[1, 50:90, 50:90] = 1  # 40 x 40 px
+    samples = dt.SampleSet(np.zeros((3, 3, dt.CACHE_SIZE, dt.CACHE_SIZE), np.int16), masks, [{}] * 3)
+    np.testing.assert_allclose(dt.positive_draw_weights(samples, np.array([0, 1]), 3.0), [0.75, 0.25])
+    assert dt.positive_draw_weights(samples, np.array([0, 1]), 1.0) is None
+    rng = np.random.default_rng(0)
+    _, boxes = dt._batch(samples, np.array([0, 1]), np.array([2]), 40, 1.0, rng, np.array([1.0, 0.0]))
+    # Every draw is the small lesion (under 1,000 px^2 after rotation and scaling; the large one is 1,600).
+    assert all(len(b) == 1 and (b[0, 2] - b[0, 0]) * (b[0, 3] - b[0, 1]) < 1000 for b in boxes)
+    with pytest.raises(SpineInpaintError, match="--small-box-weight must be > 0"):
+        dt.train_detector(dt.TrainConfig(small_box_weight=0.0, out=str(tmp_path / "run"),
+                                         cache=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()
+
+
 def test_shipped_retinanet_weights_are_small_and_documented():
     if not det.DEFAULT_WEIGHTS.exists():
         pytest.skip("no shipped detector weights (training did not reach a useful model)")
