@@ -524,10 +524,7 @@ def train_detector(config: TrainConfig) -> dict:
     if config.arch == "retinanet" and config.backbone not in det.RETINANET_PRESETS:
         raise SpineInpaintError(f"unknown RetinaNet backbone '{config.backbone}' "
                                 f"(use {' or '.join(det.RETINANET_PRESETS)})")
-    if config.box_loss not in det.BOX_LOSSES:
-        raise SpineInpaintError(f"unknown box loss '{config.box_loss}' (use {' or '.join(det.BOX_LOSSES)})")
-    if config.arch != "retinanet" and config.box_loss != "smooth_l1":
-        raise SpineInpaintError(f"--box-loss {config.box_loss} is for RetinaNet; Faster R-CNN keeps torchvision's")
+    det.check_box_loss(config.arch, config.box_loss)
     if config.small_box_weight <= 0:
         raise SpineInpaintError(f"--small-box-weight must be > 0, got {config.small_box_weight}")
     if not 0.0 <= config.ema < 1.0:

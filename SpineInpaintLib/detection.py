@@ -55,6 +55,7 @@ from SpineInpaintLib import SpineInpaintError, io
 __all__ = [
     "ARCHITECTURES",
     "BOX_LOSSES",
+    "check_box_loss",
     "CROP_SIZE",
     "GRID_MM",
     "WINDOW",
@@ -267,13 +268,20 @@ def build_retinanet(in_channels: int = 3, *, config: dict | None = None, score_t
     return detector
 
 
+def check_box_loss(arch: str, name: str) -> None:
+    """Refuse a box-regression loss that is not in :data:`BOX_LOSSES` or not for ``arch``."""
+    if name not in BOX_LOSSES:
+        raise SpineInpaintError(f"unknown box loss '{name}' (use {' or '.join(BOX_LOSSES)})")
+    if arch != "retinanet" and name != "smooth_l1":
+        raise SpineInpaintError(f"--box-loss {name} is for RetinaNet; Faster R-CNN keeps torchvision's")
+
+
 def _apply_box_loss(detector, name: str) -> None:
     """Set the box-regression loss ``name`` (:data:`BOX_LOSSES`) of a MONAI ``RetinaNetDetector``."""
     import torch
     from monai.losses import BoxGIoULoss
 
-    if name not in BOX_LOSSES:
-        raise SpineInpaintError(f"unknown box loss '{name}' (use {' or '.join(BOX_LOSSES)})")
+    check_box_loss("retinanet", name)
     if name == "giou":
         detector.set_box_regression_loss(BoxGIoULoss(reduction="mean"), encode_gt=False, decode_pred=True)
     else:
@@ -417,10 +425,9 @@ class Detector:
 
     def set_box_loss(self, name: str) -> None:
         """Box-regression loss of RetinaNet training (:data:`BOX_LOSSES`); inference is unchanged."""
+        check_box_loss(self.arch, name)
         if self.arch == "retinanet":
             _apply_box_loss(self.model, name)
-        elif name != "smooth_l1":
-            raise SpineInpaintError(f"--box-loss {name} is for RetinaNet; Faster R-CNN keeps torchvision's")
 
 
 def load_detector(path: str | Path | None = None, *, arch: str | None = None, device: str = "cpu",
