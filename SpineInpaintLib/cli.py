@@ -337,6 +337,10 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
                         "(e.g. 0.998; default 0: the raw weights)")
     parser.add_argument("--small-box-weight", type=float, default=1.0,
                         help="draw lesion slices whose box has a side under 10 mm this many times as often")
+    parser.add_argument("--grid-mm", type=float, default=1.0,
+                        help="pixel size (mm) of the network input (default 1.0; recorded in the weights)")
+    parser.add_argument("--crop-size", type=int, default=128,
+                        help="side (pixels, a multiple of 32) of the network input (default 128)")
     _add_run_control(parser)
     parser.add_argument("--export",
                         help="also copy the best weights, metadata and curves here (e.g. Resources/detection)")

@@ -2,7 +2,9 @@
 
 Data: 2.5D crops (3 channels, neighbour slices) around the spine, kept as HU (int16) on a
 ``CACHE_SIZE`` square of ``GRID_MM`` pixels, larger than the network input so that augmentation
-(random rotation, flip, crop and noise, the paper's four) never samples outside it. Each sample holds
+(random rotation, flip, crop and noise, the paper's four) never samples outside it. Another input
+grid (``--grid-mm``, ``--crop-size``) caches :func:`cache_size` squares of its own pixels, in a cache
+folder of its own; the weights record the grid they were trained on. Each sample holds
 an instance mask of its lesions (0 background, 1..K lesions) from which the boxes are recomputed
 after every augmentation, so a rotated lesion keeps a tight box. Sources:
 
@@ -78,6 +80,12 @@ TUNING_VOLUMES = {"phantoms": 12, "real": 12, "healthy_phantoms": 6}
 _PHANTOM_LEVELS = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10")
 
 
+def cache_size(crop_size: int = det.CROP_SIZE) -> int:
+    """Side of the cached crops for a network input of ``crop_size`` pixels (the same margin as
+    :data:`CACHE_SIZE` around :data:`detection.CROP_SIZE`, even)."""
+    return 2 * int(round(crop_size * CACHE_SIZE / det.CROP_SIZE / 2.0))
+
+
 # --- samples -------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SampleSet:
@@ -93,7 +101,7 @@ class SampleSet:
         One dict per sample: ``case_id``, ``z``, ``source`` (phantom, real, deeplesion),
         ``lesion_type`` (lytic, sclerotic, mixed, bone, or none for a negative slice),
         ``case_lesion_type`` (the case's lesion type, none for a healthy case), ``destructive``,
-        ``crop_s`` (seconds spent resampling the crop from the source slice).
+        ``crop_s`` (seconds spent resampling the crop from the source slice), ``grid_mm`` (pixel size).
     """
 
     images: np.ndarray
@@ -154,21 +162,22 @@ def boxes_from_instances(mask: np.ndarray, min_pixels: int = 1) -> np.ndarray:
 
 
 def _crop_pair(stack: np.ndarray, instances: np.ndarray, centre, spacing_yx,
-               size: int) -> tuple[np.ndarray, np.ndarray, float]:
+               size: int, grid_mm: float) -> tuple[np.ndarray, np.ndarray, float]:
     start = time.perf_counter()
-    image = det.crop_slices(stack, centre, spacing_yx, size=size)
+    image = det.crop_slices(stack, centre, spacing_yx, size=size, grid_mm=grid_mm)
     elapsed = time.perf_counter() - start
     # Nearest-neighbour for the instance labels.
-    mask = det.crop_slices(instances[None].astype(np.float32), centre, spacing_yx, size=size, order=0,
-                           cval=0)[0]
+    mask = det.crop_slices(instances[None].astype(np.float32), centre, spacing_yx, size=size, grid_mm=grid_mm,
+                           order=0, cval=0)[0]
     return np.clip(np.round(image), -32768, 32767).astype(np.int16), mask.astype(np.uint8), elapsed
 
 
 def samples_from_case(case: datasets.Case, *, rng: np.random.Generator, negatives_per_positive: float = 1.0,
                       min_negatives: int = 6, max_negatives: int | None = None,
                       max_positives: int | None = None, min_box_mm: float = MIN_BOX_MM,
-                      size: int = CACHE_SIZE) -> SampleSet:
-    """Positive and negative spine slices of a case as cached 2.5D crops (see the module notes).
+                      size: int = CACHE_SIZE, grid_mm: float = det.GRID_MM) -> SampleSet:
+    """Positive and negative spine slices of a case as cached 2.5D crops (see the module notes):
+    ``size`` pixels of ``grid_mm``.
 
     ``max_positives`` keeps that many positive slices, evenly spaced through the lesion (thin
     slices would otherwise let one lesion weigh ten times another); negatives are drawn at random,
@@ -212,18 +221,19 @@ def samples_from_case(case: datasets.Case, *, rng: np.random.Generator, negative
     for z in positives + negatives:
         centre = det.spine_centre(spine[z])
         image, mask, elapsed = _crop_pair(det.slice_stack(ct.array, z, offset), bone[z].astype(np.uint8),
-                                          centre, spacing_yx, size)
+                                          centre, spacing_yx, size, grid_mm)
         images.append(image)
         masks.append(mask)
         meta.append({**info, "z": z, "lesion_type": info["case_lesion_type"] if z in positives else "none",
-                     "crop_s": elapsed})
+                     "crop_s": elapsed, "grid_mm": grid_mm})
     if not meta:
         return SampleSet.empty(size)
     return SampleSet(np.stack(images), np.stack(masks), meta)
 
 
 def samples_from_deeplesion(root: str | Path, split: str | None = "train", *, rng: np.random.Generator,
-                            size: int = CACHE_SIZE, max_shift_mm: float = 30.0) -> SampleSet:
+                            size: int = CACHE_SIZE, grid_mm: float = det.GRID_MM,
+                            max_shift_mm: float = 30.0) -> SampleSet:
     """Key slices of the bone lesions (coarse type 1) of a DeepLesion-format folder as cached crops.
 
     Boxes are DeepLesion's ``Bounding_boxes`` (pixel centres, inclusive; stored as filled
@@ -259,12 +269,13 @@ def samples_from_deeplesion(root: str | Path, split: str | None = "train", *, rn
             rows, cols = np.nonzero(instances)
             shift = rng.uniform(-max_shift_mm, max_shift_mm, 2)
             centre = (rows.mean() + shift[0] / sy, cols.mean() + shift[1] / sx)
-        image, mask, elapsed = _crop_pair(stack, instances, centre, (sy, sx), size)
+        image, mask, elapsed = _crop_pair(stack, instances, centre, (sy, sx), size, grid_mm)
         images.append(image)
         masks.append(mask)
         meta.append({"case_id": f"deeplesion_{rec.series_folder}", "z": rec.key_slice_index - 1,
                      "source": "deeplesion", "lesion_type": "bone", "case_lesion_type": "bone",
-                     "destructive": None, "level": None, "crop_s": elapsed, "file_name": file_name})
+                     "destructive": None, "level": None, "crop_s": elapsed, "file_name": file_name,
+                     "grid_mm": grid_mm})
     if not meta:
         return SampleSet.empty(size)
     return SampleSet(np.stack(images), np.stack(masks), meta)
@@ -357,11 +368,12 @@ def build_sample_set(specs: Sequence[tuple[str, Callable[[], datasets.Case]]], *
 
 # --- augmentation ----------------------------------------------------------------------------------
 def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, size: int = det.CROP_SIZE,
-            max_rotation_deg: float = 15.0, scale: tuple[float, float] = (0.9, 1.1),
+            grid_mm: float = det.GRID_MM, max_rotation_deg: float = 15.0, scale: tuple[float, float] = (0.9, 1.1),
             max_shift_mm: float = 12.0, flip_probability: float = 0.5, noise_probability: float = 0.5,
             max_noise_hu: float = 25.0) -> tuple[np.ndarray, np.ndarray]:
     """The paper's augmentations on one cached sample: random rotation, flip, crop (shift, scale) and noise.
 
+    ``image`` and ``mask`` are a cached sample of ``grid_mm`` pixels; the output keeps that pixel size.
     Returns the network input (3, size, size) in [0, 1] and its boxes (K, 4). A lesion cut by the
     crop to less than half of its area is discarded as a target and the draw repeated without shift.
     """
@@ -373,15 +385,15 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, si
         matrix = s * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) \
             @ np.diag([1.0, flip])
         shift = rng.uniform(-max_shift_mm, max_shift_mm, 2) if attempt == 0 else np.zeros(2)
-        centre = ((n - 1) / 2.0 + shift[0] / det.GRID_MM, (n - 1) / 2.0 + shift[1] / det.GRID_MM)
-        spacing = (det.GRID_MM, det.GRID_MM)
-        out_mask = det.crop_slices(mask[None].astype(np.float32), centre, spacing, size=size, matrix=matrix,
-                                   order=0, cval=0)[0].astype(np.uint8)
+        centre = ((n - 1) / 2.0 + shift[0] / grid_mm, (n - 1) / 2.0 + shift[1] / grid_mm)
+        spacing = (grid_mm, grid_mm)
+        out_mask = det.crop_slices(mask[None].astype(np.float32), centre, spacing, size=size, grid_mm=grid_mm,
+                                   matrix=matrix, order=0, cval=0)[0].astype(np.uint8)
         kept = [np.count_nonzero(out_mask == k) >= 0.5 * np.count_nonzero(mask == k) / s ** 2
                 for k in range(1, int(mask.max()) + 1)]
         if all(kept):
             break
-    out = det.crop_slices(image.astype(np.float32), centre, spacing, size=size, matrix=matrix)
+    out = det.crop_slices(image.astype(np.float32), centre, spacing, size=size, grid_mm=grid_mm, matrix=matrix)
     if rng.random() < noise_probability:
         out = out + rng.normal(0.0, rng.uniform(0.0, max_noise_hu), out.shape).astype(np.float32)
     return det.normalise(out), boxes_from_instances(out_mask, min_pixels=4)
@@ -417,14 +429,21 @@ class TrainConfig:
     box_loss: str = "smooth_l1"
     ema: float = 0.0
     small_box_weight: float = 1.0
+    grid_mm: float = det.GRID_MM
+    crop_size: int = det.CROP_SIZE
 
     def default_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.arch == "retinanet" else 2e-4)
 
 
-def _cached(path: Path, build) -> SampleSet:
+def _cached(path: Path, build, size: int, grid_mm: float) -> SampleSet:
     if path.exists():
-        return SampleSet.load(path)
+        samples = SampleSet.load(path)
+        found = (samples.images.shape[-1], samples.meta[0].get("grid_mm", det.GRID_MM) if samples.meta else grid_mm)
+        if found[0] != size or not math.isclose(found[1], grid_mm):
+            raise SpineInpaintError(f"{path} holds crops of {found[0]} pixels of {found[1]:g} mm, not {size} of "
+                                    f"{grid_mm:g} mm: use another --cache for this input grid")
+        return samples
     samples = build()
     samples.save(path)
     return samples
@@ -436,48 +455,50 @@ def training_data(config: TrainConfig,
     cache = Path(config.cache)
     main = ctx is None or ctx.is_main
     train_path, val_path = cache / "train.npz", cache / "val.npz"
+    grid = {"size": cache_size(config.crop_size), "grid_mm": config.grid_mm}
     if main:
         def build_train():
             specs = case_specs("train", phantoms=config.phantoms, real=config.real,
                                healthy_phantoms=config.healthy_phantoms, healthy_real=True)
-            return build_sample_set(specs, seed=config.seed, cache=cache / "cases", progress=config.progress)
+            return build_sample_set(specs, seed=config.seed, cache=cache / "cases", progress=config.progress,
+                                    **grid)
 
         def build_val():
             specs = case_specs("val", phantoms=config.val_phantoms, real=config.val_real)
             return build_sample_set(specs, seed=config.seed + 1, cache=cache / "cases_val",
                                     progress=config.progress, negatives_per_positive=1.0, max_positives=10,
-                                    min_negatives=10)
+                                    min_negatives=10, **grid)
 
-        train, val = _cached(train_path, build_train), _cached(val_path, build_val)
+        train, val = _cached(train_path, build_train, **grid), _cached(val_path, build_val, **grid)
     if ctx is not None:
         ctx.barrier()
     if not main:
         train, val = SampleSet.load(train_path), SampleSet.load(val_path)
     if config.deeplesion:
         rng = np.random.default_rng([config.seed, 17])
-        train = SampleSet.concat([train, samples_from_deeplesion(config.deeplesion, "train", rng=rng)])
-        val = SampleSet.concat([val, samples_from_deeplesion(config.deeplesion, "val", rng=rng)])
+        train = SampleSet.concat([train, samples_from_deeplesion(config.deeplesion, "train", rng=rng, **grid)])
+        val = SampleSet.concat([val, samples_from_deeplesion(config.deeplesion, "val", rng=rng, **grid)])
     if len(train) == 0:
         raise SpineInpaintError("no training samples (no case produced a spine slice)")
     return train, val
 
 
 def positive_draw_weights(samples: SampleSet, positives: np.ndarray, small_box_weight: float,
-                          small_mm: float = SMALL_BOX_MM) -> np.ndarray | None:
+                          small_mm: float = SMALL_BOX_MM, grid_mm: float = det.GRID_MM) -> np.ndarray | None:
     """Probabilities of drawing each positive sample: ``small_box_weight`` times as high for a slice
     whose smallest box has a side under ``small_mm`` (a lesion's first and last slices, where boxes
-    are hardest to place); None (uniform) for a weight of 1."""
+    are hardest to place); None (uniform) for a weight of 1. ``grid_mm``: the samples' pixel size."""
     if small_box_weight == 1.0 or not len(positives):
         return None
-    smallest = np.array([(b[:, 2:] - b[:, :2]).min() * det.GRID_MM if len(b) else np.inf
+    smallest = np.array([(b[:, 2:] - b[:, :2]).min() * grid_mm if len(b) else np.inf
                          for b in (boxes_from_instances(samples.masks[i]) for i in positives)])
     weights = np.where(smallest < small_mm, small_box_weight, 1.0)
     return weights / weights.sum()
 
 
 def _batch(samples: SampleSet, positives: np.ndarray, negatives: np.ndarray, batch_size: int,
-           positive_fraction: float, rng: np.random.Generator,
-           positive_p: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+           positive_fraction: float, rng: np.random.Generator, positive_p: np.ndarray | None = None, *,
+           size: int = det.CROP_SIZE, grid_mm: float = det.GRID_MM) -> tuple[np.ndarray, list[np.ndarray]]:
     images, boxes = [], []
     for _ in range(batch_size):
         use_positive = (rng.random() < positive_fraction and positives.size) or not negatives.size
@@ -485,7 +506,7 @@ def _batch(samples: SampleSet, positives: np.ndarray, negatives: np.ndarray, bat
             i = int(rng.choice(positives, p=positive_p))
         else:
             i = int(rng.choice(negatives))
-        image, b = augment(samples.images[i], samples.masks[i], rng)
+        image, b = augment(samples.images[i], samples.masks[i], rng, size=size, grid_mm=grid_mm)
         images.append(image)
         boxes.append(b)
     return np.stack(images), boxes
@@ -529,6 +550,7 @@ def train_detector(config: TrainConfig) -> dict:
         raise SpineInpaintError(f"--small-box-weight must be > 0, got {config.small_box_weight}")
     if not 0.0 <= config.ema < 1.0:
         raise SpineInpaintError(f"--ema must be in [0, 1) (0: off; 0.998 averages over ~500 steps), got {config.ema}")
+    det.check_input_grid(config.crop_size, config.grid_mm)
     if config.init:
         _check_init(config)
     if config.threads:
@@ -537,7 +559,8 @@ def train_detector(config: TrainConfig) -> dict:
     seed = training.seed_everything(config.seed + ctx.rank)
     out = Path(config.out)
     train, val = training_data(config, ctx)
-    detector = det.Detector(config.arch, device=str(ctx.device), config=_architecture(config))
+    grid = {"crop_size": config.crop_size, "grid_mm": config.grid_mm}
+    detector = det.Detector(config.arch, device=str(ctx.device), config=_architecture(config), **grid)
     detector.set_box_loss(config.box_loss)
     last = out / "last.pt"
     if config.init and not (config.resume and last.exists()):
@@ -553,7 +576,7 @@ def train_detector(config: TrainConfig) -> dict:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(training.unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-        evaluated = det.Detector(config.arch, model=ema.module, device=str(ctx.device))
+        evaluated = det.Detector(config.arch, model=ema.module, device=str(ctx.device), **grid)
     saved_models = {"detector": model, **({"ema": ema} if ema is not None else {})}
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.default_lr(),
                                   weight_decay=1e-4)
@@ -575,8 +598,8 @@ def train_detector(config: TrainConfig) -> dict:
         log = training.MetricsLog(out / "metrics.csv", resume_epoch=start_epoch if config.resume else 0)
     positives = np.array([i for i, m in enumerate(train.meta) if m["lesion_type"] != "none"], int)
     negatives = np.array([i for i, m in enumerate(train.meta) if m["lesion_type"] == "none"], int)
-    positive_p = positive_draw_weights(train, positives, config.small_box_weight)
-    val_images, val_boxes = val.centre_crops(), val.centre_boxes()
+    positive_p = positive_draw_weights(train, positives, config.small_box_weight, grid_mm=config.grid_mm)
+    val_images, val_boxes = val.centre_crops(config.crop_size), val.centre_boxes(config.crop_size)
     started = time.time()
     summary = {"arch": config.arch, "seed": seed, "train_samples": len(train),
                "train_positives": int(positives.size), "val_samples": len(val), "epochs_run": 0}
@@ -591,7 +614,7 @@ def train_detector(config: TrainConfig) -> dict:
         t0 = time.time()
         for _ in steps:
             images, boxes = _batch(train, positives, negatives, config.batch_size, config.positive_fraction, rng,
-                                   positive_p)
+                                   positive_p, size=config.crop_size, grid_mm=config.grid_mm)
             losses = detector.loss(images, boxes)
             loss = sum(losses.values())
             optimiser.zero_grad()
@@ -671,7 +694,7 @@ def _metadata(config: TrainConfig, seed: int, scored: dict, train: SampleSet, va
         "arch": config.arch,
         "architecture": _recorded_architecture(config),
         "input": {"channels": "slices z - d, z, z + d (d = max(1, round(2 mm / slice spacing)))",
-                  "size": [det.CROP_SIZE, det.CROP_SIZE], "pixel_mm": det.GRID_MM,
+                  "size": [config.crop_size, config.crop_size], "pixel_mm": config.grid_mm,
                   "centre": "centroid of the spine mask on the slice", "window_hu": list(det.WINDOW),
                   "scaling": "(HU - low) / (high - low) clipped to [0, 1]", "orientation": "LPS axial"},
         "output": "boxes x1, y1, x2, y2 (crop pixels, end exclusive), scores",
@@ -719,18 +742,30 @@ def evaluate_detection(detectors: dict[str, det.Detector], *, phantoms: int = 15
                                           healthy_phantoms=healthy_phantoms, healthy_real=True))
     if not cases:
         raise SpineInpaintError("no test case could be generated")
-    rng = np.random.default_rng([seed, 8191])
-    samples = SampleSet.concat(samples_from_case(c, rng=rng, max_positives=max_positives,
-                                                 negatives_per_positive=1.0, min_negatives=10) for c in cases)
-    if deeplesion:
-        samples = SampleSet.concat([samples, samples_from_deeplesion(deeplesion, "test", rng=rng)])
-    images, truth = samples.centre_crops(), samples.centre_boxes()
-    crop_s = float(np.mean([m["crop_s"] for m in samples.meta]))
+    inputs: dict[tuple[int, float], tuple[SampleSet, np.ndarray, list]] = {}
+    for detector in detectors.values():
+        key = (detector.crop_size, detector.grid_mm)
+        if key in inputs:
+            continue
+        # The same slices for every input grid (the draws do not depend on it); truth boxes come
+        # from the lesion mask resampled onto each grid.
+        rng = np.random.default_rng([seed, 8191])
+        size = cache_size(key[0])
+        samples = SampleSet.concat(samples_from_case(c, rng=rng, max_positives=max_positives, size=size,
+                                                     grid_mm=key[1], negatives_per_positive=1.0, min_negatives=10)
+                                   for c in cases)
+        if deeplesion:
+            samples = SampleSet.concat([samples, samples_from_deeplesion(deeplesion, "test", rng=rng, size=size,
+                                                                         grid_mm=key[1])])
+        inputs[key] = (samples, samples.centre_crops(key[0]), samples.centre_boxes(key[0]))
+    samples, images, truth = next(iter(inputs.values()))
     result = {"seed": seed, "test_cases": [c.case_id for c in cases], "slices": len(samples),
               "positive_slices": int(sum(len(t) > 0 for t in truth)), "detectors": {}}
     groups = _groups(samples.meta)
     predictions, curves = {}, {}
     for name, detector in detectors.items():
+        samples, images, truth = inputs[(detector.crop_size, detector.grid_mm)]
+        crop_s = float(np.mean([m["crop_s"] for m in samples.meta]))
         detector.predict(images[:2])  # warm-up: the first call allocates (not timed)
         boxes, scores, seconds = predict_samples(detector, images)
         predictions[name] = (boxes, scores)
@@ -740,15 +775,21 @@ def evaluate_detection(detectors: dict[str, det.Detector], *, phantoms: int = 15
             curves[name] = (fr.curve_fps, fr.curve_sensitivity)
         row["images_per_s"] = len(images) / (seconds + crop_s * len(images))
         row["model_images_per_s"] = len(images) / seconds
+        row["input_grid"] = {"size": detector.crop_size, "pixel_mm": detector.grid_mm}
         row["groups"] = {}
         for g, idx in groups.items():
             if any(len(truth[i]) for i in idx):
                 row["groups"][g] = score_detections([boxes[i] for i in idx], [scores[i] for i in idx],
                                                     [truth[i] for i in idx])
         result["detectors"][name] = row
+    # The example figure draws the detectors of the first one's input grid on its crops.
+    samples, images, truth = next(iter(inputs.values()))
+    first = next(iter(detectors.values()))
+    same_grid = {n: p for n, p in predictions.items()
+                 if (detectors[n].crop_size, detectors[n].grid_mm) == (first.crop_size, first.grid_mm)}
     if figures and curves:
         result["figures"] = [str(plot_froc(result, curves, Path(figures) / "detection_froc.png")),
-                             str(plot_examples(images, truth, predictions, samples.meta,
+                             str(plot_examples(images, truth, same_grid, samples.meta,
                                                Path(figures) / "detection_examples.png", seed=seed))]
     if volume_level and detectors:
         result["volume_level"] = _volume_level(next(iter(detectors.values())), cases, progress,
@@ -991,7 +1032,7 @@ def run_train(args) -> int:
                          lr=args.lr, seed=args.seed, resume=not args.no_resume, device=args.device,
                          threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet,
                          init=args.init, box_loss=args.box_loss, ema=args.ema,
-                         small_box_weight=args.small_box_weight)
+                         small_box_weight=args.small_box_weight, grid_mm=args.grid_mm, crop_size=args.crop_size)
     summary = train_detector(config)
     print(json.dumps(summary, indent=2))
     if args.export and (Path(out) / "best.safetensors").exists():

@@ -6,7 +6,9 @@ Input (both detectors, the same): a 2.5D crop around the spine. The slice and it
 that slice, and the HU window :data:`WINDOW` is mapped to [0, 1]. The paper (Sec. II.C) fed whole
 512x512 slices to Faster R-CNN; detection is only needed near the spine, so a 128 mm square at 1 mm
 (a vertebra is 40-50 mm wide, lesions 10-60 mm) keeps everything that matters at 1/16 of the pixels
-and the same physical scale for every scanner.
+and the same physical scale for every scanner. ``CROP_SIZE`` and ``GRID_MM`` are the defaults of new
+training; a trained detector carries its own (``input`` of its weights' JSON; :class:`Detector`
+``crop_size`` and ``grid_mm``), so weights trained on a finer grid run on that grid.
 
 Boxes are ``(x1, y1, x2, y2)`` in continuous pixel coordinates (x = column, y = row; pixel ``j``
 covers ``[j, j + 1)``; end exclusive), the convention of :mod:`SpineInpaintLib.datasets` and
@@ -72,6 +74,7 @@ __all__ = [
     "RETINANET_PRESETS",
     "build_retinanet",
     "build_faster_rcnn",
+    "check_input_grid",
     "Detector",
     "load_detector",
     "Lesion3D",
@@ -314,7 +317,7 @@ class RoIPoolOnMap(MultiScaleRoIAlign):
         return self.roi_pool(x["0"], boxes)
 
 
-def build_faster_rcnn(in_channels: int = 3, *, score_threshold: float = 0.02):
+def build_faster_rcnn(in_channels: int = 3, *, score_threshold: float = 0.02, size: int = CROP_SIZE):
     """torchvision Faster R-CNN with a VGG-16 (batch-normalised) backbone, untrained (no downloads)."""
     import torch
     import torchvision
@@ -333,7 +336,7 @@ def build_faster_rcnn(in_channels: int = 3, *, score_threshold: float = 0.02):
     head = TwoMLPHead(512 * 7 * 7, cfg["representation_size"])
     predictor = FastRCNNPredictor(cfg["representation_size"], 2)
     return FasterRCNN(
-        features, num_classes=None, min_size=CROP_SIZE, max_size=CROP_SIZE,
+        features, num_classes=None, min_size=size, max_size=size,
         image_mean=[0.5] * in_channels, image_std=[0.25] * in_channels,
         rpn_anchor_generator=anchors, box_roi_pool=RoIPoolOnMap(7, 1.0 / 16), box_head=head,
         box_predictor=predictor,
@@ -354,19 +357,28 @@ class Detector:
         The network (built by :func:`build_retinanet` / :func:`build_faster_rcnn` when ``None``).
     device
         Torch device.
+    crop_size, grid_mm
+        The input grid: side (pixels) and pixel size (mm) of the crop the network sees.
     """
 
+    crop_size: int = CROP_SIZE
+    grid_mm: float = GRID_MM
+
     def __init__(self, arch: str = "retinanet", model=None, device: str = "cpu",
-                 score_threshold: float = 0.02, config: dict | None = None):
+                 score_threshold: float = 0.02, config: dict | None = None, *, crop_size: int = CROP_SIZE,
+                 grid_mm: float = GRID_MM):
         import torch
 
         if arch not in ARCHITECTURES:
             raise SpineInpaintError(f"unknown detector '{arch}' (use {' or '.join(ARCHITECTURES)})")
+        check_input_grid(crop_size, grid_mm)
         self.arch = arch
         self.device = torch.device(device)
+        self.crop_size = int(crop_size)
+        self.grid_mm = float(grid_mm)
         if model is None:
             model = build_retinanet(config=config, score_threshold=score_threshold) if arch == "retinanet" else \
-                build_faster_rcnn(score_threshold=score_threshold)
+                build_faster_rcnn(score_threshold=score_threshold, size=self.crop_size)
         self.model = model.to(self.device)
         self.metadata: dict = {}
 
@@ -430,11 +442,21 @@ class Detector:
             _apply_box_loss(self.model, name)
 
 
+def check_input_grid(crop_size: int, grid_mm: float) -> None:
+    """Refuse an input grid the detectors cannot take: the side must be a multiple of 32 (the coarsest
+    pyramid level) and the pixel size positive."""
+    if not (isinstance(crop_size, (int, np.integer)) and crop_size >= 64 and crop_size % 32 == 0):
+        raise SpineInpaintError(f"detector crop size must be a multiple of 32 and at least 64 pixels, got {crop_size}")
+    if not (math.isfinite(grid_mm) and 0.25 <= grid_mm <= 4.0):
+        raise SpineInpaintError(f"detector pixel size must be between 0.25 and 4 mm, got {grid_mm}")
+
+
 def load_detector(path: str | Path | None = None, *, arch: str | None = None, device: str = "cpu",
                   score_threshold: float = 0.02) -> Detector:
     """A trained detector from safetensors weights (default: the shipped RetinaNet, :data:`DEFAULT_WEIGHTS`).
 
-    The architecture is read from the weights' JSON metadata (``arch``) unless given.
+    The architecture is read from the weights' JSON metadata (``arch``) unless given, the input grid
+    from its ``input`` (``size``, ``pixel_mm``; :data:`CROP_SIZE` and :data:`GRID_MM` when absent).
     """
     from SpineInpaintLib.training import load_weights, read_weights_metadata
 
@@ -444,7 +466,10 @@ def load_detector(path: str | Path | None = None, *, arch: str | None = None, de
     meta = read_weights_metadata(path)
     arch = arch or meta.get("arch", "retinanet")
     config = meta.get("architecture") if arch == "retinanet" else None
-    detector = Detector(arch, device=device, score_threshold=score_threshold, config=config)
+    grid = meta.get("input") or {}
+    detector = Detector(arch, device=device, score_threshold=score_threshold, config=config,
+                        crop_size=int((grid.get("size") or [CROP_SIZE])[0]),
+                        grid_mm=float(grid.get("pixel_mm", GRID_MM)))
     detector.metadata = load_weights(detector.model, path)
     return detector
 
@@ -499,12 +524,14 @@ def detect_slices(ct: io.Volume, spine: io.Volume, detector: Detector, *, slices
         batch, centres = [], []
         for z in zs[start:start + batch_size]:
             centre = spine_centre(spine_arr[z]) or ((ct.shape[1] - 1) / 2.0, (ct.shape[2] - 1) / 2.0)
-            batch.append(normalise(crop_slices(slice_stack(ct.array, z, offset), centre, spacing_yx)))
+            batch.append(normalise(crop_slices(slice_stack(ct.array, z, offset), centre, spacing_yx,
+                                               size=detector.crop_size, grid_mm=detector.grid_mm)))
             centres.append(centre)
         for z, centre, (boxes, scores) in zip(zs[start:start + batch_size], centres,
                                               detector.predict(np.stack(batch))):
             keep = scores >= score_threshold
-            results[z] = (crop_to_source(boxes[keep], centre, spacing_yx).astype(np.float32), scores[keep])
+            results[z] = (crop_to_source(boxes[keep], centre, spacing_yx, size=detector.crop_size,
+                                         grid_mm=detector.grid_mm).astype(np.float32), scores[keep])
     return results
 
 

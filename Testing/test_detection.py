@@ -503,6 +503,91 @@ def test_small_box_weight_draws_slices_with_small_boxes_more_often(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_finer_input_grid_crops_the_same_lesion_in_millimetres(tiny_samples):
+    case = datasets.real_case(seed=5, lesion_types=["lytic"])
+    fine = dt.samples_from_case(case, rng=np.random.default_rng(0), min_negatives=2, max_negatives=2,
+                                size=dt.cache_size(160), grid_mm=0.75)
+    assert dt.cache_size(det.CROP_SIZE) == dt.CACHE_SIZE and dt.cache_size(160) == 220
+    assert fine.images.shape[1:] == (3, 220, 220) and {m["grid_mm"] for m in fine.meta} == {0.75}
+    assert [m["z"] for m in fine.meta] == [m["z"] for m in tiny_samples.meta]  # the same slices
+    coarse_boxes, fine_boxes = tiny_samples.centre_boxes(), fine.centre_boxes(160)
+    for b1, b2 in zip(coarse_boxes, fine_boxes):
+        assert len(b1) == len(b2)
+        if len(b1):
+            # Both crops are centred on the same point: millimetres from the centre agree to a pixel.
+            np.testing.assert_allclose((b2[0] - 80) * 0.75, (b1[0] - 64) * 1.0, atol=1.0)
+    i = next(i for i, b in enumerate(fine_boxes) if len(b))
+    image, boxes = dt.augment(fine.images[i], fine.masks[i], np.random.default_rng(0), size=160, grid_mm=0.75,
+                              max_rotation_deg=0, scale=(1, 1), max_shift_mm=0, flip_probability=0,
+                              noise_probability=0)
+    np.testing.assert_allclose(image, fine.centre_crops(160)[i], atol=1e-5)
+    np.testing.assert_array_equal(boxes, fine_boxes[i])
+
+
+def test_detector_weights_carry_their_input_grid_to_volume_detection(tmp_path):
+    detector = det.Detector("retinanet", crop_size=160, grid_mm=0.75)
+    path = training.save_weights(detector.model, tmp_path / "fine.safetensors",
+                                 {"arch": "retinanet", "architecture": det.RETINANET_CONFIG,
+                                  "input": {"size": [160, 160], "pixel_mm": 0.75}})
+    loaded = det.load_detector(path)
+    assert (loaded.crop_size, loaded.grid_mm) == (160, 0.75)
+    ct, labels = _cube_case()
+    centre = det.spine_centre(labels.array[10] > 0)
+    seen = []
+
+    def outputs(call):
+        z = 2 + call
+        box = det.source_to_crop(np.array([[25, 25, 35, 35]]), centre, (1, 1), size=160, grid_mm=0.75)
+        return (box.astype(np.float32), np.array([0.9], np.float32)) if 10 <= z < 16 else \
+            (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+
+    scripted = _ScriptedDetector(outputs)
+    scripted.crop_size, scripted.grid_mm = 160, 0.75
+    original = scripted.predict
+    scripted.predict = lambda images: (seen.append(np.shape(images)), original(images))[1]
+    lesions = det.detect_volume(ct, labels, scripted, score_threshold=0.5)
+    assert all(shape[1:] == (3, 160, 160) for shape in seen)
+    assert len(lesions) == 1 and lesions[0].z_range == (10, 16)
+    np.testing.assert_allclose(lesions[0].boxes[12], [25, 25, 35, 35], atol=1e-3)
+
+
+def test_evaluation_feeds_each_detector_the_same_slices_on_its_own_grid():
+    case = dt.slim_case(datasets.real_case(seed=5, lesion_types=["sclerotic"]))
+
+    class Recorder(_BrightSpotDetector):
+        def predict(self, images):
+            self.shapes.add(np.shape(images)[1:])
+            return super().predict(images)
+
+    coarse, fine = Recorder(), Recorder()
+    coarse.shapes, fine.shapes = set(), set()
+    fine.crop_size, fine.grid_mm = 160, 0.75
+    result = dt.evaluate_detection({"coarse": coarse, "fine": fine}, cases=[case], volume_level=False,
+                                   progress=False)
+    assert coarse.shapes == {(3, 128, 128)} and fine.shapes == {(3, 160, 160)}
+    rows = result["detectors"]
+    assert rows["coarse"]["input_grid"] == {"size": 128, "pixel_mm": 1.0}
+    assert rows["fine"]["input_grid"] == {"size": 160, "pixel_mm": 0.75}
+    assert rows["coarse"]["images"] == rows["fine"]["images"] == result["slices"]
+    assert rows["coarse"]["lesion_boxes"] == rows["fine"]["lesion_boxes"] > 0
+
+
+def test_an_input_grid_the_network_cannot_take_or_another_grids_cache_is_refused(tmp_path, tiny_samples):
+    with pytest.raises(SpineInpaintError, match="multiple of 32 and at least 64 pixels, got 100"):
+        dt.train_detector(dt.TrainConfig(crop_size=100, out=str(tmp_path / "run"), cache=str(tmp_path / "c")))
+    with pytest.raises(SpineInpaintError, match="pixel size must be between 0.25 and 4 mm, got 0"):
+        det.Detector("retinanet", grid_mm=0.0)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "run").exists()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tiny_samples.save(cache / "train.npz")
+    tiny_samples.save(cache / "val.npz")
+    config = dt.TrainConfig(grid_mm=0.75, crop_size=160, out=str(tmp_path / "run"), cache=str(cache),
+                            progress=False)
+    with pytest.raises(SpineInpaintError, match="holds crops of 176 pixels of 1 mm, not 220 of 0.75 mm"):
+        dt.train_detector(config)
+
+
 def test_shipped_retinanet_weights_are_small_and_documented():
     if not det.DEFAULT_WEIGHTS.exists():
         pytest.skip("no shipped detector weights (training did not reach a useful model)")
