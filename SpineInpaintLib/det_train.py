@@ -764,26 +764,25 @@ def evaluate_detection(detectors: dict[str, det.Detector], *, phantoms: int = 15
     groups = _groups(samples.meta)
     predictions, curves = {}, {}
     for name, detector in detectors.items():
-        samples, images, truth = inputs[(detector.crop_size, detector.grid_mm)]
-        crop_s = float(np.mean([m["crop_s"] for m in samples.meta]))
-        detector.predict(images[:2])  # warm-up: the first call allocates (not timed)
-        boxes, scores, seconds = predict_samples(detector, images)
+        grid_samples, grid_images, grid_truth = inputs[(detector.crop_size, detector.grid_mm)]
+        crop_s = float(np.mean([m["crop_s"] for m in grid_samples.meta]))
+        detector.predict(grid_images[:2])  # warm-up: the first call allocates (not timed)
+        boxes, scores, seconds = predict_samples(detector, grid_images)
         predictions[name] = (boxes, scores)
-        row = score_detections(boxes, scores, truth)
+        row = score_detections(boxes, scores, grid_truth)
         if row["lesion_boxes"]:
-            fr = metrics.froc(boxes, scores, truth)
+            fr = metrics.froc(boxes, scores, grid_truth)
             curves[name] = (fr.curve_fps, fr.curve_sensitivity)
-        row["images_per_s"] = len(images) / (seconds + crop_s * len(images))
-        row["model_images_per_s"] = len(images) / seconds
+        row["images_per_s"] = len(grid_images) / (seconds + crop_s * len(grid_images))
+        row["model_images_per_s"] = len(grid_images) / seconds
         row["input_grid"] = {"size": detector.crop_size, "pixel_mm": detector.grid_mm}
         row["groups"] = {}
         for g, idx in groups.items():
-            if any(len(truth[i]) for i in idx):
+            if any(len(grid_truth[i]) for i in idx):
                 row["groups"][g] = score_detections([boxes[i] for i in idx], [scores[i] for i in idx],
-                                                    [truth[i] for i in idx])
+                                                    [grid_truth[i] for i in idx])
         result["detectors"][name] = row
     # The example figure draws the detectors of the first one's input grid on its crops.
-    samples, images, truth = next(iter(inputs.values()))
     first = next(iter(detectors.values()))
     same_grid = {n: p for n, p in predictions.items()
                  if (detectors[n].crop_size, detectors[n].grid_mm) == (first.crop_size, first.grid_mm)}
