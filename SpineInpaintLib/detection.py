@@ -444,7 +444,7 @@ class Detector:
 
 def check_input_grid(crop_size: int, grid_mm: float) -> None:
     """Refuse an input grid the detectors cannot take: the side must be a multiple of 32 (the coarsest
-    pyramid level) and the pixel size positive."""
+    pyramid level) and at least 64 pixels, the pixel size between 0.25 and 4 mm."""
     if not (isinstance(crop_size, (int, np.integer)) and crop_size >= 64 and crop_size % 32 == 0):
         raise SpineInpaintError(f"detector crop size must be a multiple of 32 and at least 64 pixels, got {crop_size}")
     if not (math.isfinite(grid_mm) and 0.25 <= grid_mm <= 4.0):
