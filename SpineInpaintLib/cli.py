@@ -319,6 +319,9 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
                         help="folder of the cached training/validation crops (built on demand, shared by both)")
     parser.add_argument("--phantoms", type=int, default=28, help="lesioned training phantoms (default 28)")
     parser.add_argument("--healthy-phantoms", type=int, default=4, help="healthy training phantoms (default 4)")
+    parser.add_argument("--negative-phantoms", type=int, default=0,
+                        help="hard negatives: healthy phantoms between S1 and T10 of which up to 30 spine slices "
+                        "each are kept (default 0)")
     parser.add_argument("--real", type=int, default=20,
                         help="simulated lesions on the real scan, one case each (default 20)")
     parser.add_argument("--val-phantoms", type=int, default=6, help="validation phantoms (default 6)")

@@ -53,6 +53,7 @@ __all__ = [
     "samples_from_deeplesion",
     "case_seeds",
     "case_specs",
+    "training_cache_paths",
     "make_detection_cases",
     "build_sample_set",
     "augment",
@@ -78,6 +79,11 @@ _LOSS_COLUMNS = ("loss", "classification", "box_regression", "loss_classifier", 
 TUNING_VOLUMES = {"phantoms": 12, "real": 12, "healthy_phantoms": 6}
 #: Levels a phantom's field of view is drawn around (3 consecutive levels between L5 and T10).
 _PHANTOM_LEVELS = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10")
+#: Levels of the hard-negative phantoms (``negative_phantoms``): S1 too, whose junction with the sacral
+#: ala the detector took for a lesion; a window of 3 levels cuts a vertebra at each end of the field.
+_NEGATIVE_LEVELS = ("S1",) + _PHANTOM_LEVELS
+#: Spine slices kept as negatives from each hard-negative phantom (a healthy case gives 6 otherwise).
+NEGATIVE_PHANTOM_SLICES = 30
 
 
 def cache_size(crop_size: int = det.CROP_SIZE) -> int:
@@ -292,52 +298,66 @@ def case_seeds(prefix: str, split: str, count: int, *, start: int = 0) -> list[i
     return seeds
 
 
-def _phantom_levels(seed: int) -> tuple[str, ...]:
-    k = int(np.random.default_rng([seed, 31337]).integers(0, len(_PHANTOM_LEVELS) - 2))
-    return tuple(_PHANTOM_LEVELS[k:k + 3])
+def _phantom_levels(seed: int, levels: Sequence[str] = _PHANTOM_LEVELS) -> tuple[str, ...]:
+    k = int(np.random.default_rng([seed, 31337]).integers(0, len(levels) - 2))
+    return tuple(levels[k:k + 3])
+
+
+#: One case of :func:`case_specs`: its cache key, its generator and options of :func:`samples_from_case`
+#: that apply to it alone.
+CaseSpec = tuple[str, Callable[[], datasets.Case], dict]
 
 
 def case_specs(split: str, *, phantoms: int, real: int, healthy_phantoms: int = 0, healthy_real: bool = False,
-               real_name: str = "totalsegmentator",
+               negative_phantoms: int = 0, real_name: str = "totalsegmentator",
                lesion_types: Sequence[str] = ("lytic", "sclerotic", "mixed"),
-               ) -> list[tuple[str, Callable[[], datasets.Case]]]:
-    """``(key, make_case)`` pairs of one split: phantoms and real-scan seeds whose ids fall in ``split``.
+               ) -> list[CaseSpec]:
+    """``(key, make_case, options)`` of one split: phantoms and real-scan seeds whose ids fall in ``split``.
 
     Lesion types are cycled over the cases. Lesioned phantoms use the first ``phantoms`` seeds of the
-    split, healthy ones the following ``healthy_phantoms``. Each phantom covers 3 consecutive levels
-    between L5 and T10 (drawn from its seed) to keep generation fast. The key names the case and its
-    lesion type (the same case id may carry different lesions).
+    split, healthy ones the following ``healthy_phantoms``, hard-negative ones the following
+    ``negative_phantoms``. Each phantom covers 3 consecutive levels between L5 and T10 (drawn from its
+    seed) to keep generation fast; hard-negative phantoms are healthy, their levels lie between S1 and
+    T10 and up to ``NEGATIVE_PHANTOM_SLICES`` of their spine slices are kept (``options``). The key
+    names the case and its lesion type (the same case id may carry different lesions).
     """
-    specs: list[tuple[str, Callable[[], datasets.Case]]] = []
-    seeds = case_seeds("phantom", split, phantoms + healthy_phantoms)
+    specs: list[CaseSpec] = []
+    seeds = case_seeds("phantom", split, phantoms + healthy_phantoms + negative_phantoms)
     for k, seed in enumerate(seeds):
+        if k >= phantoms + healthy_phantoms:
+            specs.append((f"phantom_{seed:04d}_negatives",
+                          functools.partial(datasets.phantom_case, seed, lesion_types=None,
+                                            levels=_phantom_levels(seed, _NEGATIVE_LEVELS)),
+                          {"min_negatives": NEGATIVE_PHANTOM_SLICES}))
+            continue
         types = [lesion_types[k % len(lesion_types)]] if k < phantoms else None
         specs.append((f"phantom_{seed:04d}_{types[0] if types else 'healthy'}",
                       functools.partial(datasets.phantom_case, seed, lesion_types=types,
-                                        levels=_phantom_levels(seed))))
+                                        levels=_phantom_levels(seed)), {}))
     for k, seed in enumerate(case_seeds(f"real_{real_name}", split, real)):
         t = lesion_types[k % len(lesion_types)]
         specs.append((f"real_{real_name}_{seed:04d}_{t}",
-                      functools.partial(datasets.real_case, real_name, seed=seed, lesion_types=[t])))
+                      functools.partial(datasets.real_case, real_name, seed=seed, lesion_types=[t]), {}))
     if healthy_real:
         specs.append((f"real_{real_name}_healthy",
-                      functools.partial(datasets.real_case, real_name, seed=0, lesion_types=None)))
+                      functools.partial(datasets.real_case, real_name, seed=0, lesion_types=None), {}))
     return specs
 
 
 def make_detection_cases(split: str, **kwargs) -> Iterator[datasets.Case]:
     """The cases of :func:`case_specs`, generated one by one; a case the generators reject is skipped
     with a warning (a phantom draw can be invalid)."""
-    for key, make in case_specs(split, **kwargs):
+    for key, make, _ in case_specs(split, **kwargs):
         try:
             yield make()
         except SpineInpaintError as err:
             warnings.warn(f"skipped case {key}: {err}")
 
 
-def build_sample_set(specs: Sequence[tuple[str, Callable[[], datasets.Case]]], *, seed: int,
+def build_sample_set(specs: Sequence[CaseSpec], *, seed: int,
                      cache: str | Path | None = None, progress: bool = False, **kwargs) -> SampleSet:
-    """Samples of every case (see :func:`samples_from_case`), seeded per case.
+    """Samples of every case (see :func:`samples_from_case`; ``kwargs`` and then each spec's own
+    options), seeded per case.
 
     With ``cache``, each case's samples are kept in ``cache/<key>.npz`` and reused (a crash or a
     second detector loses no work). Cases the generators reject are skipped with a warning.
@@ -348,7 +368,7 @@ def build_sample_set(specs: Sequence[tuple[str, Callable[[], datasets.Case]]], *
         from tqdm import tqdm
 
         iterator = tqdm(specs, desc="cases", unit="case")
-    for key, make in iterator:
+    for key, make, options in iterator:
         path = Path(cache) / f"{key}.npz" if cache else None
         if path is not None and path.exists():
             sets.append(SampleSet.load(path))
@@ -359,7 +379,7 @@ def build_sample_set(specs: Sequence[tuple[str, Callable[[], datasets.Case]]], *
             warnings.warn(f"skipped case {key}: {err}")
             continue
         rng = np.random.default_rng([seed, int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)])
-        samples = samples_from_case(case, rng=rng, **kwargs)
+        samples = samples_from_case(case, rng=rng, **{**kwargs, **options})
         if path is not None:
             samples.save(path)
         sets.append(samples)
@@ -410,6 +430,7 @@ class TrainConfig:
     cache: str = "runs/detection/data"
     phantoms: int = 28
     healthy_phantoms: int = 4
+    negative_phantoms: int = 0
     real: int = 20
     val_phantoms: int = 6
     val_real: int = 6
@@ -436,6 +457,26 @@ class TrainConfig:
         return self.lr if self.lr is not None else (1e-3 if self.arch == "retinanet" else 2e-4)
 
 
+def _aggregate_path(cache: Path, name: str, specs: Sequence[CaseSpec]) -> Path:
+    """``cache/<name>-<digest of the case keys>.npz``: an aggregate serves only the cases it was built
+    from (the per-case files are reused by any case list)."""
+    digest = hashlib.sha256("\n".join(key for key, _, _ in specs).encode()).hexdigest()[:10]
+    return cache / f"{name}-{digest}.npz"
+
+
+def _training_specs(config: "TrainConfig") -> tuple[list[CaseSpec], list[CaseSpec]]:
+    train = case_specs("train", phantoms=config.phantoms, real=config.real,
+                       healthy_phantoms=config.healthy_phantoms, negative_phantoms=config.negative_phantoms,
+                       healthy_real=True)
+    return train, case_specs("val", phantoms=config.val_phantoms, real=config.val_real)
+
+
+def training_cache_paths(config: "TrainConfig") -> tuple[Path, Path]:
+    """Where :func:`training_data` keeps the training and validation samples of ``config``'s cases."""
+    train, val = _training_specs(config)
+    return _aggregate_path(Path(config.cache), "train", train), _aggregate_path(Path(config.cache), "val", val)
+
+
 def _cached(path: Path, build, size: int, grid_mm: float) -> SampleSet:
     if path.exists():
         samples = SampleSet.load(path)
@@ -454,18 +495,16 @@ def training_data(config: TrainConfig,
     """Train and validation samples, built once into ``config.cache`` (shared by both detectors)."""
     cache = Path(config.cache)
     main = ctx is None or ctx.is_main
-    train_path, val_path = cache / "train.npz", cache / "val.npz"
+    train_specs, val_specs = _training_specs(config)
+    train_path, val_path = training_cache_paths(config)
     grid = {"size": cache_size(config.crop_size), "grid_mm": config.grid_mm}
     if main:
         def build_train():
-            specs = case_specs("train", phantoms=config.phantoms, real=config.real,
-                               healthy_phantoms=config.healthy_phantoms, healthy_real=True)
-            return build_sample_set(specs, seed=config.seed, cache=cache / "cases", progress=config.progress,
-                                    **grid)
+            return build_sample_set(train_specs, seed=config.seed, cache=cache / "cases",
+                                    progress=config.progress, **grid)
 
         def build_val():
-            specs = case_specs("val", phantoms=config.val_phantoms, real=config.val_real)
-            return build_sample_set(specs, seed=config.seed + 1, cache=cache / "cases_val",
+            return build_sample_set(val_specs, seed=config.seed + 1, cache=cache / "cases_val",
                                     progress=config.progress, negatives_per_positive=1.0, max_positives=10,
                                     min_negatives=10, **grid)
 
@@ -1025,8 +1064,8 @@ def run_train(args) -> int:
 
     out = args.out or f"runs/detection/{args.arch}"
     config = TrainConfig(arch=args.arch, backbone=args.backbone, out=out, cache=args.cache, phantoms=args.phantoms,
-                         healthy_phantoms=args.healthy_phantoms, real=args.real,
-                         val_phantoms=args.val_phantoms, val_real=args.val_real, deeplesion=args.deeplesion,
+                         healthy_phantoms=args.healthy_phantoms, negative_phantoms=args.negative_phantoms,
+                         real=args.real, val_phantoms=args.val_phantoms, val_real=args.val_real, deeplesion=args.deeplesion,
                          epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, resume=not args.no_resume, device=args.device,
                          threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet,

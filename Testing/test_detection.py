@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -422,6 +423,37 @@ def test_unknown_backbone_is_refused_before_any_data_is_built(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
+def test_hard_negative_phantoms_follow_the_other_cases_and_reach_s1():
+    base = dt.case_specs("train", phantoms=6, real=2, healthy_phantoms=2, healthy_real=True)
+    more = dt.case_specs("train", phantoms=6, real=2, healthy_phantoms=2, negative_phantoms=12, healthy_real=True)
+    # Adding hard negatives leaves every other case (and so its cached samples) as it was.
+    assert [s[0] for s in base] == [s[0] for s in more if not s[0].endswith("_negatives")]
+    negatives = [s for s in more if s[0].endswith("_negatives")]
+    assert len(negatives) == 12 and all(options == {"min_negatives": 30} for _, _, options in negatives)
+    assert all(datasets.split_of(key[:12]) == "train" for key, _, _ in negatives)
+    levels = [make.keywords["levels"] for _, make, _ in negatives]
+    assert all(len(w) == 3 and set(w) <= set(dt._NEGATIVE_LEVELS) for w in levels)
+    assert any("S1" in w for w in levels) and all(make.keywords["lesion_types"] is None for _, make, _ in negatives)
+    # The aggregate of the training samples is kept per case list; the per-case files are shared.
+    paths = [dt.training_cache_paths(dt.TrainConfig(cache="c", negative_phantoms=n)) for n in (0, 0, 12)]
+    assert paths[0] == paths[1] and paths[0][0] != paths[2][0] and paths[0][1] == paths[2][1]
+
+
+def test_a_case_spec_s_own_options_decide_its_samples(tmp_path):
+    case = datasets.real_case(seed=0, lesion_types=None)
+    specs = [("few", lambda: case, {}), ("many", lambda: case, {"min_negatives": 9})]
+    samples = dt.build_sample_set(specs, seed=0, cache=tmp_path, min_negatives=3)
+    assert len(samples) == 3 + 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few.npz", "many.npz"]
+    assert len(dt.SampleSet.load(tmp_path / "many.npz")) == 9
+
+
+def _seed_cache(cache: Path, samples: dt.SampleSet) -> None:
+    """Ready-made training and validation samples where a run with ``cache`` (default cases) looks."""
+    for path in dt.training_cache_paths(dt.TrainConfig(cache=str(cache))):
+        samples.save(path)
+
+
 def test_init_weights_missing_or_of_another_architecture_are_refused_before_any_data_is_built(tmp_path):
     missing = dt.TrainConfig(init=str(tmp_path / "none.safetensors"), out=str(tmp_path / "run"),
                              cache=str(tmp_path / "cache"))
@@ -439,8 +471,7 @@ def test_init_starts_the_training_from_the_given_weights(tmp_path, tiny_samples)
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    tiny_samples.save(cache / "train.npz")
-    tiny_samples.save(cache / "val.npz")
+    _seed_cache(cache, tiny_samples)
     config = dt.TrainConfig(init=str(det.DEFAULT_WEIGHTS), out=str(tmp_path / "run"), cache=str(cache),
                             epochs=1, steps_per_epoch=1, batch_size=2, lr=1e-12, progress=False, threads=1)
     dt.train_detector(config)
@@ -458,8 +489,7 @@ def test_ema_weights_are_the_running_average_saved_and_resumed(tmp_path, tiny_sa
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    tiny_samples.save(cache / "train.npz")
-    tiny_samples.save(cache / "val.npz")
+    _seed_cache(cache, tiny_samples)
     run = tmp_path / "run"
     settings = dict(out=str(run), cache=str(cache), steps_per_epoch=1, batch_size=2, lr=1.0, progress=False,
                     resume=True, threads=1, ema=0.5)
@@ -580,8 +610,7 @@ def test_an_input_grid_the_network_cannot_take_or_another_grids_cache_is_refused
     assert not (tmp_path / "c").exists() and not (tmp_path / "run").exists()
     cache = tmp_path / "cache"
     cache.mkdir()
-    tiny_samples.save(cache / "train.npz")
-    tiny_samples.save(cache / "val.npz")
+    _seed_cache(cache, tiny_samples)
     config = dt.TrainConfig(grid_mm=0.75, crop_size=160, out=str(tmp_path / "run"), cache=str(cache),
                             progress=False)
     with pytest.raises(SpineInpaintError, match="holds crops of 176 pixels of 1 mm, not 220 of 0.75 mm"):
