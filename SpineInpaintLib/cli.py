@@ -346,7 +346,10 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
                         help="side (pixels, a multiple of 32) of the network input (default 128)")
     _add_run_control(parser)
     parser.add_argument("--export",
-                        help="also copy the best weights, metadata and curves here (e.g. Resources/detection)")
+                        help="also copy the weights, metadata and curves here (e.g. Resources/detection)")
+    parser.add_argument("--export-weights", choices=("best", "final"), default="best",
+                        help="which weights --export copies: the best validation epoch's (default) or the last "
+                        "epoch's (with --ema, the longest-averaged)")
 
 
 def _add_evaluate_detection(parser: argparse.ArgumentParser) -> None:

@@ -1073,15 +1073,16 @@ def run_train(args) -> int:
                          small_box_weight=args.small_box_weight, grid_mm=args.grid_mm, crop_size=args.crop_size)
     summary = train_detector(config)
     print(json.dumps(summary, indent=2))
-    if args.export and (Path(out) / "best.safetensors").exists():
+    which = getattr(args, "export_weights", "best")
+    if args.export and (Path(out) / f"{which}.safetensors").exists():
         export = Path(args.export)
         export.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(out) / "best.safetensors", export / f"{args.arch}.safetensors")
-        shutil.copy(Path(out) / "best.json", export / f"{args.arch}.json")
+        shutil.copy(Path(out) / f"{which}.safetensors", export / f"{args.arch}.safetensors")
+        shutil.copy(Path(out) / f"{which}.json", export / f"{args.arch}.json")
         for name in ("metrics.csv", "curves.png"):
             if (Path(out) / name).exists():
                 shutil.copy(Path(out) / name, export / f"{args.arch}_{name}")
-        print(f"exported to {export}")
+        print(f"exported the {which} weights to {export}")
     return 0
 
 

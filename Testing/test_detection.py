@@ -484,6 +484,19 @@ def test_init_starts_the_training_from_the_given_weights(tmp_path, tiny_samples)
     assert meta["training"]["init"] == str(det.DEFAULT_WEIGHTS)
 
 
+def test_export_copies_the_chosen_epoch_s_weights(tmp_path, tiny_samples, capsys):
+    cache = tmp_path / "cache"
+    _seed_cache(cache, tiny_samples)
+    run, shipped = tmp_path / "run", tmp_path / "resources"
+    code = cli.main(["train", "detection", "--cache", str(cache), "--out", str(run), "--epochs", "2",
+                     "--steps-per-epoch", "1", "--batch-size", "2", "--lr", "1.0", "--threads", "1", "--quiet",
+                     "--export", str(shipped), "--export-weights", "final"])
+    assert code == 0 and "exported the final weights" in capsys.readouterr().out
+    exported = json.loads((shipped / "retinanet.json").read_text())
+    assert exported == json.loads((run / "final.json").read_text()) and exported["metrics"]["epoch"] == 2
+    assert training.sha256_of(shipped / "retinanet.safetensors") == exported["sha256"]
+
+
 def test_ema_weights_are_the_running_average_saved_and_resumed(tmp_path, tiny_samples):
     from safetensors.torch import load_file
 
