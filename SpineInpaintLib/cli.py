@@ -266,6 +266,9 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real-weight", type=float, default=1.0,
                         help="draw real-scan cases this many times as often as their slice count says (default 1)")
     parser.add_argument("--init", help="start from these weights (.safetensors; fine-tuning), unless resuming")
+    parser.add_argument("--boundary-weight", type=float, default=0.0,
+                        help="weight of a binary cross-entropy of the spine mask added to the Dice + CE loss "
+                        "(sharpens the mask's boundary; default 0)")
     parser.add_argument("--low-resolution", type=float, default=0.0,
                         help="probability of the coarse-scan augmentation (crops down-sampled to 40-100 %% and back)")
     parser.add_argument("--epochs", type=int, default=30)

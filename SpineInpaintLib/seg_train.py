@@ -266,7 +266,8 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                        val_per_case: int = 12, export: Path | None = None, threads: int | None = None,
                        progress: bool = True, data_note: str = "", phantom_seeds: tuple[int, int] | None = None,
                        healthy_fraction: float = 0.3, real: Sequence[str] = (), real_weight: float = 1.0,
-                       init: Path | None = None, low_resolution: float = 0.0) -> dict:
+                       init: Path | None = None, low_resolution: float = 0.0,
+                       boundary_weight: float = 0.0) -> dict:
     """Train one network on the cached cases; returns a summary (last epoch's metrics, paths).
 
     Writes ``out/checkpoint.pt`` every epoch (resumed from when present and ``resume``),
@@ -275,9 +276,10 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
     ``out/<net>.safetensors`` + JSON metadata at the end (also to ``export`` when given).
     ``init`` starts a fresh run from existing weights (fine-tuning; ignored when resuming), and
     ``real_weight`` draws real-scan cases that many times as often as their slice count says, and
-    ``low_resolution`` is the probability of the coarse-scan augmentation (:func:`seg.train_transforms`).
-    Under ``torchrun`` each process draws its own crops and DDP averages the gradients; only rank 0
-    writes.
+    ``low_resolution`` is the probability of the coarse-scan augmentation (:func:`seg.train_transforms`);
+    ``boundary_weight`` weighs a binary cross-entropy of the spine mask in the loss
+    (:func:`seg.segmentation_loss`). Under ``torchrun`` each process draws its own crops and DDP
+    averages the gradients; only rank 0 writes.
     """
     import torch
     from tqdm import tqdm
@@ -300,7 +302,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
         training.load_weights(network, init)
     model = ctx.wrap(network)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    loss_fn = seg.segmentation_loss()
+    loss_fn = seg.segmentation_loss(boundary_weight)
     checkpoint = out / "checkpoint.pt"
     start_epoch, resumed = 1, False
     if resume and checkpoint.exists():
@@ -384,7 +386,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                          "data": data_note, "phantom_seeds": list(phantom_seeds) if phantom_seeds else None,
                          "healthy_fraction": healthy_fraction, "real_in_training": list(real),
                          "real_weight": real_weight, "init": str(init) if init else None,
-                         "low_resolution_augmentation": low_resolution},
+                         "low_resolution_augmentation": low_resolution, "boundary_weight": boundary_weight},
             "metrics_last_epoch": summary,
         }
         weights = training.save_weights(model, out / f"{net}.safetensors", meta)
@@ -485,6 +487,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise SpineInpaintError(f"--crop must be a multiple of 16 and >= 32, got {args.crop}")
     if not 0.0 <= args.low_resolution <= 1.0:
         raise SpineInpaintError(f"--low-resolution must be a probability in [0, 1], got {args.low_resolution}")
+    if args.boundary_weight < 0:
+        raise SpineInpaintError(f"--boundary-weight must be >= 0, got {args.boundary_weight}")
     if args.real_weight <= 0:
         raise SpineInpaintError(f"--real-weight must be > 0, got {args.real_weight}")
     if args.init and not Path(args.init).is_file():
@@ -548,7 +552,7 @@ def run_train(args: argparse.Namespace) -> int:
         export=Path(args.export) if args.export else None, threads=args.threads, data_note=note,
         phantom_seeds=phantom_seeds, healthy_fraction=args.healthy_fraction,
         real=real, real_weight=args.real_weight, init=Path(args.init) if args.init else None,
-        low_resolution=args.low_resolution)
+        low_resolution=args.low_resolution, boundary_weight=args.boundary_weight)
     if ctx.is_main:
         print(json.dumps(summary, indent=2))
     return 0

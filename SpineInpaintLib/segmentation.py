@@ -491,16 +491,22 @@ def train_transforms(seed: int = 0, low_resolution: float = 0.0):
     return transform
 
 
-def segmentation_loss():
-    """Dice + cross-entropy over the classes (MONAI ``DiceCELoss``) plus a Dice of the binary spine mask.
+def segmentation_loss(boundary_weight: float = 0.0):
+    """Dice + cross-entropy over the classes (MONAI ``DiceCELoss``) plus a Dice of the binary spine mask,
+    and ``boundary_weight`` times a binary cross-entropy of the spine mask.
 
     The returned function takes logits (B, C, H, W) and class indices (B, H, W). The binary term
     (``1 - p(background)`` against any vertebra) weighs the spine mask, the paper's output, beside
-    the harder per-level classes.
+    the harder per-level classes. Dice terms reward a mask that covers its object more than one that
+    stops at its edge (the shipped U-Net's errors are a 1-2 mm rim outside the bone); the binary
+    cross-entropy charges each rim pixel alike, which sharpens the boundary.
     """
     import torch
+    import torch.nn.functional as F
     from monai.losses import DiceCELoss, DiceLoss
 
+    if boundary_weight < 0:
+        raise SpineInpaintError(f"the boundary weight must be >= 0, got {boundary_weight}")
     # Smoothing 1 (not MONAI's 1e-5): a level absent from a batch and predicted absent scores ~0,
     # instead of a penalty that depends on how many 1e-9 probabilities add up.
     multi = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
@@ -510,7 +516,12 @@ def segmentation_loss():
     def loss(logits: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
         target = target.long().unsqueeze(1)
         spine_prob = 1.0 - torch.softmax(logits, dim=1)[:, :1]
-        return multi(logits, target) + binary(spine_prob, (target > 0).float())
+        total = multi(logits, target) + binary(spine_prob, (target > 0).float())
+        if boundary_weight:
+            # log p(spine) - log p(background), stable: the spine's logit of a two-class softmax.
+            spine_logit = torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - logits[:, :1]
+            total = total + boundary_weight * F.binary_cross_entropy_with_logits(spine_logit, (target > 0).float())
+        return total
 
     return loss
 

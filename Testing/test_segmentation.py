@@ -375,6 +375,21 @@ def test_loss_prefers_the_right_answer():
     assert float(loss(right, target)) < 0.05 < 1.0 < float(loss(wrong, target))
 
 
+def test_boundary_weight_adds_the_spine_mask_s_binary_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(2, seg.N_CLASSES, 16, 16)
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, 4:10, 5:12] = 3
+    added = float(seg.segmentation_loss(2.0)(logits, target)) - float(seg.segmentation_loss()(logits, target))
+    # By hand: p(spine) = 1 - softmax(...)[background], mean binary cross-entropy against any vertebra.
+    p = 1.0 - torch.softmax(logits.double(), dim=1)[:, 0]
+    y = (target > 0).double()
+    bce = float(-(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean())
+    assert added == pytest.approx(2.0 * bce, rel=1e-4)
+    with pytest.raises(SpineInpaintError, match="boundary weight must be >= 0, got -1"):
+        seg.segmentation_loss(-1.0)
+
+
 def test_folds_partition_cases_and_test_split_stays_out(tiny_cache):
     ids = [f"phantom_{k:04d}" for k in range(200)]
     folds = [st.fold_of(i, 10) for i in ids]
