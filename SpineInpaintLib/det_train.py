@@ -496,7 +496,7 @@ def training_data(config: TrainConfig,
     cache = Path(config.cache)
     main = ctx is None or ctx.is_main
     train_specs, val_specs = _training_specs(config)
-    train_path, val_path = training_cache_paths(config)
+    train_path, val_path = _aggregate_path(cache, "train", train_specs), _aggregate_path(cache, "val", val_specs)
     grid = {"size": cache_size(config.crop_size), "grid_mm": config.grid_mm}
     if main:
         def build_train():
@@ -1065,7 +1065,8 @@ def run_train(args) -> int:
     out = args.out or f"runs/detection/{args.arch}"
     config = TrainConfig(arch=args.arch, backbone=args.backbone, out=out, cache=args.cache, phantoms=args.phantoms,
                          healthy_phantoms=args.healthy_phantoms, negative_phantoms=args.negative_phantoms,
-                         real=args.real, val_phantoms=args.val_phantoms, val_real=args.val_real, deeplesion=args.deeplesion,
+                         real=args.real, val_phantoms=args.val_phantoms, val_real=args.val_real,
+                         deeplesion=args.deeplesion,
                          epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, resume=not args.no_resume, device=args.device,
                          threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet,
@@ -1073,7 +1074,7 @@ def run_train(args) -> int:
                          small_box_weight=args.small_box_weight, grid_mm=args.grid_mm, crop_size=args.crop_size)
     summary = train_detector(config)
     print(json.dumps(summary, indent=2))
-    which = getattr(args, "export_weights", "best")
+    which = args.export_weights
     if args.export and (Path(out) / f"{which}.safetensors").exists():
         export = Path(args.export)
         export.mkdir(parents=True, exist_ok=True)
