@@ -581,6 +581,12 @@ def train_detector(config: TrainConfig) -> dict:
         raise SpineInpaintError(f"unknown detector '{config.arch}' (use {' or '.join(det.ARCHITECTURES)})")
     if config.epochs < 1 or config.steps_per_epoch < 1 or config.batch_size < 1:
         raise SpineInpaintError("epochs, steps per epoch and batch size must be >= 1")
+    counts = {"--phantoms": config.phantoms, "--healthy-phantoms": config.healthy_phantoms,
+              "--negative-phantoms": config.negative_phantoms, "--real": config.real,
+              "--val-phantoms": config.val_phantoms, "--val-real": config.val_real}
+    for flag, count in counts.items():
+        if count < 0:
+            raise SpineInpaintError(f"{flag} must be >= 0, got {count}")
     if config.arch == "retinanet" and config.backbone not in det.RETINANET_PRESETS:
         raise SpineInpaintError(f"unknown RetinaNet backbone '{config.backbone}' "
                                 f"(use {' or '.join(det.RETINANET_PRESETS)})")

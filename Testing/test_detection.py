@@ -439,6 +439,13 @@ def test_hard_negative_phantoms_follow_the_other_cases_and_reach_s1():
     assert paths[0] == paths[1] and paths[0][0] != paths[2][0] and paths[0][1] == paths[2][1]
 
 
+def test_a_negative_case_count_is_refused_before_any_data_is_built(tmp_path):
+    config = dt.TrainConfig(negative_phantoms=-5, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    with pytest.raises(SpineInpaintError, match="--negative-phantoms must be >= 0, got -5"):
+        dt.train_detector(config)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_a_case_spec_s_own_options_decide_its_samples(tmp_path):
     case = datasets.real_case(seed=0, lesion_types=None)
     specs = [("few", lambda: case, {}), ("many", lambda: case, {"min_negatives": 9})]
