@@ -259,6 +259,10 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-seed", type=int, default=1000, help="seed of the first phantom (default 1000)")
     parser.add_argument("--healthy-fraction", type=float, default=0.3,
                         help="fraction of the phantoms without a lesion (default 0.3)")
+    parser.add_argument("--varied-phantoms", type=int, default=0,
+                        help="extra phantoms with low bone density, a softer point spread and fields of view "
+                        "reaching the pelvis (datasets.varied_phantom_case; default 0)")
+    parser.add_argument("--varied-seed", type=int, default=2000, help="seed of the first varied phantom (default 2000)")
     parser.add_argument("--real", default="", help="real scans to train on, comma-separated (e.g. totalsegmentator); "
                         "each joins the training set as is and with a simulated lesion")
     parser.add_argument("--deeplesion", action="append", default=[],

@@ -32,6 +32,7 @@ __all__ = [
     "Case",
     "SliceSample",
     "phantom_case",
+    "varied_phantom_case",
     "real_case",
     "make_cases",
     "split_of",
@@ -145,6 +146,42 @@ def phantom_case(seed: int, *, lesion_types: Sequence[str] | None = ("lytic", "s
     ph = phantom.make_phantom(config)
     return _with_lesion(f"phantom_{seed:04d}", ph.ct, ph.labels, "phantom", seed, lesion_types,
                         {"phantom_config": config.to_dict()})
+
+
+#: Levels, caudal to cranial, from which :func:`varied_phantom_case` draws its fields of view.
+_VARIED_LEVELS = ("S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10")
+
+
+def varied_overrides(seed: int) -> dict:
+    """Phantom config overrides that widen the training phantoms toward older patients and coarser scans.
+
+    ``PhantomConfig.random`` draws bone as a young adult's (cancellous 140-280 HU, cortex 700-1200
+    HU) and always covers T10-S1 at a sharp point spread. Real abdominal CTs also show osteopenic
+    vertebrae (the real test scan's L3 core: median 120 HU, 10th percentile 75), softer
+    reconstructions, and fields of view that end in the pelvis. These draws give cancellous bone
+    60-170 HU, cortex 500-900 HU and 0.4-0.9 mm thick, a point spread of 0.5-1.2 mm, and a field of
+    view of the sacrum plus S1 and up to two levels above it (half the cases) or any three
+    neighbouring levels from S1 to T10.
+    """
+    rng = np.random.default_rng([int(seed), 31])
+    if rng.random() < 0.5:
+        levels = ("sacrum",) + _VARIED_LEVELS[: int(rng.integers(1, 4))]
+    else:
+        first = int(rng.integers(0, len(_VARIED_LEVELS) - 2))
+        levels = _VARIED_LEVELS[first:first + 3]
+    return dict(levels=levels, cancellous_hu=round(float(rng.uniform(60, 170))),
+                cortical_hu=round(float(rng.uniform(500, 900))), cortical_mm=round(float(rng.uniform(0.4, 0.9)), 2),
+                blur_mm=round(float(rng.uniform(0.5, 1.2)), 2))
+
+
+def varied_phantom_case(seed: int, *, lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed")) -> Case:
+    """A phantom drawn as :func:`phantom_case` with the :func:`varied_overrides` of ``seed``; id ``varied_<seed>``."""
+    from SpineInpaintLib import phantom
+
+    config = phantom.PhantomConfig.random(seed, **varied_overrides(seed))
+    ph = phantom.make_phantom(config)
+    return _with_lesion(f"varied_{seed:04d}", ph.ct, ph.labels, "phantom", seed, lesion_types,
+                        {"phantom_config": config.to_dict(), "variety": "varied"})
 
 
 def real_case(name: str = "totalsegmentator", *, seed: int = 0,

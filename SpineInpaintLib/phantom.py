@@ -62,6 +62,7 @@ __all__ = [
     "TISSUE_LABELS",
     "PHANTOM_ONLY_LABELS",
     "SUPPORTED_LEVELS",
+    "FIELD_LEVELS",
     "PhantomConfig",
     "SpineLevel",
     "Phantom",
@@ -95,6 +96,8 @@ TISSUE_LABELS: dict[str, int] = {
     "iliac_artery_right": 66,
     "iliac_vena_left": 67,
     "iliac_vena_right": 68,
+    "femur_left": 75,
+    "femur_right": 76,
     "hip_left": 77,
     "hip_right": 78,
     "spinal_cord": 79,
@@ -123,6 +126,10 @@ PHANTOM_ONLY_LABELS: tuple[int, ...] = tuple(v for v in TISSUE_LABELS.values() i
 
 #: Vertebra ids the phantom models, caudal to cranial (S1 ... T10).
 SUPPORTED_LEVELS: tuple[int, ...] = THORACOLUMBAR
+
+#: Levels a field of view may be asked to cover: the modelled vertebrae and the sacrum below S1
+#: (S2-S5, label 25), so that a scan can reach down into the pelvis as abdominal CTs do.
+FIELD_LEVELS: tuple[int, ...] = (25,) + SUPPORTED_LEVELS
 
 _L = TISSUE_LABELS
 _MUSCLE_IDS = (86, 87, 88, 89)
@@ -180,8 +187,9 @@ class PhantomConfig:
         LPS position (mm) of voxel (0, 0, 0); ``None`` centres the grid on the requested levels
         (in y: on the body and table when the field of view holds them, else on the spinal canal).
     levels
-        Vertebrae the scan must cover (ids or names, within T10 ... S1). The whole column from the
-        sacrum to T10 always exists; this only places the field of view.
+        Vertebrae the scan must cover (ids or names, within T10 ... S1, or ``"sacrum"`` for the
+        sacrum below S1 and the pelvis around it). The whole column from the sacrum to T10 always
+        exists; this only places the field of view.
     vertebra_scale, disc_height_scale
         Size factors of the vertebrae (0.7-1.3) and of the disc heights (0.3-1.6; thin = degenerate).
     lordosis_deg
@@ -292,19 +300,19 @@ class PhantomConfig:
         if isinstance(self.levels, (str, int)):
             raise SpineInpaintError("levels must be a sequence of vertebra ids or names, e.g. ('L1', 'L2')")
         if len(self.levels) == 0:
-            raise SpineInpaintError("levels is empty: name at least one vertebra between T10 and S1")
+            raise SpineInpaintError("levels is empty: name at least one vertebra between T10 and the sacrum")
         out = set()
         for level in self.levels:
             try:
                 label = vertebra_id(level)
             except ValueError:
                 raise SpineInpaintError(
-                    f"unknown level {level!r} (expected e.g. L3, T12, S1 or an id 26-34)"
+                    f"unknown level {level!r} (expected e.g. L3, T12, S1, sacrum or an id 25-34)"
                 ) from None
-            if label not in SUPPORTED_LEVELS:
+            if label not in FIELD_LEVELS:
                 raise SpineInpaintError(
                     f"level {VERTEBRA_NAMES[label]} (id {label}) is not modelled: "
-                    "the phantom covers T10 to S1 (ids 26-34)"
+                    "the phantom covers T10 to the sacrum (ids 25-34)"
                 )
             out.add(label)
         return tuple(sorted(out))
@@ -1560,6 +1568,31 @@ def _ilium_prim(p: _Painter, s1: _Vert, side: float, z_crest: float, z_bottom: f
     return _Prim(np.zeros(3), np.eye(3), lo, hi, sdf)
 
 
+def _hip_joint_prims(s1: _Vert, z_sacrum_low: float, z_top: float, side: float,
+                     scale: float) -> tuple[list[_Prim], _Prim]:
+    """A femoral head with the start of its neck, and the acetabular cup of the hip bone over it.
+
+    Placed as in an adult pelvis (about 88 mm from the mid-line, a little anterior to the S1 body,
+    the head's centre just below the sacrum's lowest point, the cup's roof no higher than
+    ``z_top``), so only a field of view that reaches into the pelvis shows them. Returns
+    ``(femur primitives, acetabulum primitive)``.
+    """
+    r = 23.0 * scale
+    z = min(z_sacrum_low - 5.0, z_top - (r + 7.0))
+    c = np.array([side * 88.0 * scale, float(s1.center[1]) - 10.0 * scale, z])
+    head = _ellipsoid_prim(c, np.eye(3), (r, r, r))
+    neck = _capsule_prim(c, np.eye(3), (0.0, 0.0, 0.0), (side * 32.0 * scale, 4.0, -22.0 * scale), 14.0 * scale)
+    normal = np.array([side * 0.8, 0.0, 0.6])  # the cup opens down and toward the mid-line
+
+    def cup(u, v, w):
+        dist = np.sqrt(u * u + v * v + w * w)
+        shell = np.maximum(dist - _F(r + 7.0), _F(r + 1.5) - dist)
+        return np.maximum(shell, -(u * _F(normal[0]) + w * _F(normal[2])) - _F(0.2 * r))
+
+    reach = r + 8.0
+    return [head, neck], _Prim(c, np.eye(3), np.full(3, -reach), np.full(3, reach), cup)
+
+
 # --------------------------------------------------------------------------------------------
 # The scanner: point spread function and noise
 # --------------------------------------------------------------------------------------------
@@ -1616,7 +1649,7 @@ def _place_grid(cfg: PhantomConfig, lay: _Layout, ext: dict[int, tuple[np.ndarra
     if z_first < z_model[0] - 30.0 or z_last > z_model[1] + 30.0:
         raise SpineInpaintError(
             f"the grid spans z = {z_first:.0f} to {z_last:.0f} mm but the phantom models only "
-            f"{z_model[0]:.0f} to {z_model[1]:.0f} mm (sacrum to T10): use fewer or thinner slices"
+            f"{z_model[0]:.0f} to {z_model[1]:.0f} mm (hip joints to T10): use fewer or thinner slices"
         )
     if not any(ext[i][1][2] >= z_first and ext[i][0][2] <= z_last for i in levels):
         raise SpineInpaintError("the grid holds none of the requested levels (check origin and n_slices)")
@@ -1661,10 +1694,12 @@ def make_phantom(config: PhantomConfig | None = None, **overrides) -> Phantom:
     sprims = _sacrum_prims(sacral, verts[0])
     ext = {v.label: _vertebra_extent(pr[0]) for v, pr in zip(verts, vprims)}
     sac_lo, sac_hi = _vertebra_extent(sprims[0])
+    # The "sacrum" level's field of view reaches 20 mm below the sacrum: the hip joints beside it.
+    ext[25] = (sac_lo - np.array([0.0, 0.0, 20.0]), sac_hi)
     tips_y = max(max(e[1][1] for e in ext.values()), float(sac_hi[1]))
     layout = _make_layout(cfg, verts, sacral, tips_y, rng_geo)
     gap = float(rng_geo.uniform(4.0, 12.0))
-    z_model = (float(sac_lo[2]), float(ext[verts[-1].label][1][2]))
+    z_model = (float(sac_lo[2]) - 20.0, float(ext[verts[-1].label][1][2]))
     grid = _place_grid(cfg, layout, ext, z_model, layout.y_back + gap + 42.0)
 
     p = _Painter(cfg, grid, layout, rng_tex)
@@ -1690,6 +1725,16 @@ def make_phantom(config: PhantomConfig | None = None, **overrides) -> Phantom:
         il = _ilium_prim(p, verts[0], side, z_crest, float(sac_lo[2]) - 20.0)
         p.bone([il], [], label, cfg.cortical_hu * 0.95, cfg.cancellous_hu * 0.9,
                cort_mm=max(cfg.cortical_mm, 1.2))
+    # Hip joints below the sacrum, textured from their own random stream and kept below the lowest
+    # slice (of at most 6 mm) a field of view ending at S1 can have: those phantoms, drawn before the
+    # joints existed, keep every voxel.
+    z_hip_top = float(ext[verts[0].label][0][2]) - _Z_MARGIN - 8.0
+    shared_rng, p.rng = p.rng, np.random.default_rng([int(cfg.seed), 20261202])
+    for side, femur, hip in ((1.0, _L["femur_left"], _L["hip_left"]), (-1.0, _L["femur_right"], _L["hip_right"])):
+        head, cup = _hip_joint_prims(verts[0], float(sac_lo[2]), z_hip_top, side, cfg.vertebra_scale)
+        p.bone([cup], [], hip, cfg.cortical_hu * 0.95, cfg.cancellous_hu * 0.9, cort_mm=max(cfg.cortical_mm, 1.2))
+        p.bone(head, [], femur, cfg.cortical_hu * 0.9, cfg.cancellous_hu * 0.9, cort_mm=max(cfg.cortical_mm, 1.2))
+    p.rng = shared_rng
     for v in verts:
         if v.name in ("T10", "T11", "T12"):
             number = int(v.name[1:])

@@ -483,6 +483,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.phantoms < 0:
         raise SpineInpaintError(f"--phantoms must be >= 0, got {args.phantoms}")
+    if args.varied_phantoms < 0:
+        raise SpineInpaintError(f"--varied-phantoms must be >= 0, got {args.varied_phantoms}")
     if args.crop % 16 or args.crop < 32:
         raise SpineInpaintError(f"--crop must be a multiple of 16 and >= 32, got {args.crop}")
     if not 0.0 <= args.low_resolution <= 1.0:
@@ -505,6 +507,11 @@ def run_train(args: argparse.Namespace) -> int:
         s = args.phantom_seed + k
         healthy = np.random.default_rng([s, 15485863]).random() < args.healthy_fraction
         builders.append((f"phantom_{s:04d}", lambda s=s, h=healthy: datasets.phantom_case(
+            s, lesion_types=None if h else lesion_types)))
+    for k in range(args.varied_phantoms):
+        s = args.varied_seed + k
+        healthy = np.random.default_rng([s, 15485863]).random() < args.healthy_fraction
+        builders.append((f"varied_{s:04d}", lambda s=s, h=healthy: datasets.varied_phantom_case(
             s, lesion_types=None if h else lesion_types)))
     real = [r.strip() for r in args.real.split(",") if r.strip()]
     forced = []
@@ -532,7 +539,11 @@ def run_train(args: argparse.Namespace) -> int:
     excluded = [c.case_id for c in load_cache(cache) if c.case_id not in set(ids)] if ids else []
     phantom_seeds = (args.phantom_seed, args.phantom_seed + args.phantoms)
     if not ids:
-        cached = [c for c in load_cache(cache) if c.source == "phantom"]
+        cached = [c for c in load_cache(cache) if c.source == "phantom" and not c.case_id.startswith("varied_")]
+        varied = [c for c in load_cache(cache) if c.case_id.startswith("varied_")]
+        if varied:
+            seeds = [c.info["seed"] for c in varied]
+            args.varied_phantoms, args.varied_seed = len(varied), min(seeds)
         real = sorted({c.info["real_case"] for c in load_cache(cache) if c.info.get("real_case")})
         forced = [c.case_id for c in load_cache(cache) if c.source == "real"]
         if cached:
@@ -541,6 +552,9 @@ def run_train(args: argparse.Namespace) -> int:
             args.phantoms, args.phantom_seed = len(cached), min(seeds)
     note = (f"{args.phantoms} phantoms (seeds {args.phantom_seed}-{args.phantom_seed + args.phantoms - 1}, "
             f"healthy fraction {args.healthy_fraction}, lesions {', '.join(lesion_types)}; labels = healthy labels)"
+            + (f"; {args.varied_phantoms} varied phantoms (seeds {args.varied_seed}-"
+               f"{args.varied_seed + args.varied_phantoms - 1}: low bone density, softer point spread, pelvic "
+               "fields of view; datasets.varied_phantom_case)" if args.varied_phantoms else "")
             + (f"; real scans in training: {', '.join(real)} (labels are TotalSegmentator predictions)" if real else
                "; no real scan in training")
             + (f"; DeepLesion folders: {', '.join(args.deeplesion)}" if args.deeplesion else ""))

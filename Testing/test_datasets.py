@@ -145,3 +145,20 @@ def test_phantom_cli_bad_requests(tmp_path, capsys, argv, message):
 def test_make_cases_rejects_a_negative_count():
     with pytest.raises(SpineInpaintError, match="must be >= 0"):
         list(datasets.make_cases(-2))
+
+
+def test_varied_phantoms_widen_bone_density_blur_and_field_of_view():
+    from SpineInpaintLib import phantom
+
+    draws = [datasets.varied_overrides(seed) for seed in range(2000, 2060)]
+    assert datasets.varied_overrides(2000) == draws[0]  # seeded
+    for d in draws:
+        phantom.PhantomConfig.random(0, **d).validate()  # every draw is a valid phantom
+        assert 60 <= d["cancellous_hu"] <= 170 and 500 <= d["cortical_hu"] <= 900
+        assert 0.4 <= d["cortical_mm"] <= 0.9 and 0.5 <= d["blur_mm"] <= 1.2
+    pelvic = [d for d in draws if d["levels"][0] == "sacrum"]
+    assert 15 <= len(pelvic) <= 45  # about half reach the pelvis, always with S1
+    assert all(d["levels"][1] == "S1" for d in pelvic)
+    assert all(len(d["levels"]) == 3 for d in draws if d not in pelvic)
+    # below the young-adult range PhantomConfig.random draws (cancellous 140-280 HU) for most
+    assert np.mean([d["cancellous_hu"] < 140 for d in draws]) > 0.5

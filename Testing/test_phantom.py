@@ -92,6 +92,21 @@ def test_every_requested_level_is_labelled(small_phantom):
     assert only.ct.shape[0] < small_phantom.ct.shape[0]  # the field of view follows the request
 
 
+def test_sacrum_level_extends_the_field_of_view_into_the_pelvis(small_phantom):
+    """``levels=("sacrum", ...)`` covers S2-S5 (label 25) to its lowest voxel, with the ilium beside it."""
+    pelvic = ph.make_phantom(ph.PhantomConfig(seed=3, levels=("sacrum", "S1"), **SMALL))
+    lab = pelvic.labels.array
+    sacrum_slices = np.nonzero((lab == 25).any(axis=(1, 2)))[0]
+    assert sacrum_slices.size and sacrum_slices.min() > 0  # the sacrum ends inside the field of view
+    s1_only = ph.make_phantom(ph.PhantomConfig(seed=3, levels=("S1",), **SMALL))
+    # The same anatomy (same seed): in physical z the pelvic field of view starts > 25 mm lower.
+    assert pelvic.ct.origin[2] < s1_only.ct.origin[2] - 25.0
+    low = set(np.unique(lab[: sacrum_slices.max()]).tolist())
+    assert {75, 76, 77, 78} <= low  # femur_left / femur_right heads, hip_left / hip_right
+    assert not np.isin(s1_only.labels.array, (75, 76)).any()  # the hip joints lie below an S1 field of view
+    assert 34 not in pelvic.levels_in_view()  # still only what was asked for (no T10)
+
+
 def test_tissue_labels_use_totalsegmentator_ids(small_phantom):
     present = set(np.unique(small_phantom.labels.array).tolist())
     for name in ("spinal_cord", "autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right",

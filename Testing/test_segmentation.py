@@ -491,6 +491,8 @@ def test_cli_train_rejects_bad_arguments(capsys):
     assert "--low-resolution must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
     assert cli_main(["train", "segmentation", "--boundary-weight", "-1"]) == 2
     assert "--boundary-weight must be >= 0, got -1" in capsys.readouterr().err
+    assert cli_main(["train", "segmentation", "--varied-phantoms", "-2"]) == 2
+    assert "--varied-phantoms must be >= 0, got -2" in capsys.readouterr().err
 
 
 @pytest.mark.slow
