@@ -32,6 +32,7 @@ __all__ = [
     "Case",
     "SliceSample",
     "phantom_case",
+    "varied_overrides",
     "varied_phantom_case",
     "real_case",
     "make_cases",
@@ -157,7 +158,7 @@ def varied_overrides(seed: int) -> dict:
 
     ``PhantomConfig.random`` draws bone as a young adult's (cancellous 140-280 HU, cortex 700-1200
     HU) and always covers T10-S1 at a sharp point spread. Real abdominal CTs also show osteopenic
-    vertebrae (the real test scan's L3 core: median 120 HU, 10th percentile 75), softer
+    vertebrae (``example_ct``'s L3 core: median 120 HU, 10th percentile 75 HU), softer
     reconstructions, and fields of view that end in the pelvis. These draws give cancellous bone
     60-170 HU, cortex 500-900 HU and 0.4-0.9 mm thick, a point spread of 0.5-1.2 mm, and a field of
     view of the sacrum plus S1 and up to two levels above it (half the cases) or any three

@@ -162,3 +162,11 @@ def test_varied_phantoms_widen_bone_density_blur_and_field_of_view():
     assert all(len(d["levels"]) == 3 for d in draws if d not in pelvic)
     # below the young-adult range PhantomConfig.random draws (cancellous 140-280 HU) for most
     assert np.mean([d["cancellous_hu"] < 140 for d in draws]) > 0.5
+
+
+def test_varied_phantom_case_is_a_seeded_phantom_with_its_own_id():
+    case = datasets.varied_phantom_case(2001, lesion_types=None)  # a few seconds: 3 levels at 512 x 512
+    overrides = datasets.varied_overrides(2001)
+    assert case.case_id == "varied_2001" and case.source == "phantom" and case.info["variety"] == "varied"
+    assert case.info["phantom_config"]["cancellous_hu"] == overrides["cancellous_hu"]
+    assert case.lesion is None and np.array_equal(case.ct.array, case.healthy_ct.array)
