@@ -503,16 +503,12 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/segmentation/{args.net}")
     lesion_types = ("lytic", "sclerotic", "mixed")
     builders = []
-    for k in range(args.phantoms):
-        s = args.phantom_seed + k
-        healthy = np.random.default_rng([s, 15485863]).random() < args.healthy_fraction
-        builders.append((f"phantom_{s:04d}", lambda s=s, h=healthy: datasets.phantom_case(
-            s, lesion_types=None if h else lesion_types)))
-    for k in range(args.varied_phantoms):
-        s = args.varied_seed + k
-        healthy = np.random.default_rng([s, 15485863]).random() < args.healthy_fraction
-        builders.append((f"varied_{s:04d}", lambda s=s, h=healthy: datasets.varied_phantom_case(
-            s, lesion_types=None if h else lesion_types)))
+    for prefix, first, count, make in (("phantom", args.phantom_seed, args.phantoms, datasets.phantom_case),
+                                       ("varied", args.varied_seed, args.varied_phantoms, datasets.varied_phantom_case)):
+        for s in range(first, first + count):
+            healthy = np.random.default_rng([s, 15485863]).random() < args.healthy_fraction
+            builders.append((f"{prefix}_{s:04d}", lambda s=s, h=healthy, make=make: make(
+                s, lesion_types=None if h else lesion_types)))
     real = [r.strip() for r in args.real.split(",") if r.strip()]
     forced = []
     for name in real:
@@ -539,13 +535,14 @@ def run_train(args: argparse.Namespace) -> int:
     excluded = [c.case_id for c in load_cache(cache) if c.case_id not in set(ids)] if ids else []
     phantom_seeds = (args.phantom_seed, args.phantom_seed + args.phantoms)
     if not ids:
-        cached = [c for c in load_cache(cache) if c.source == "phantom" and not c.case_id.startswith("varied_")]
-        varied = [c for c in load_cache(cache) if c.case_id.startswith("varied_")]
+        all_cached = load_cache(cache)
+        cached = [c for c in all_cached if c.source == "phantom" and not c.case_id.startswith("varied_")]
+        varied = [c for c in all_cached if c.case_id.startswith("varied_")]
         if varied:
             seeds = [c.info["seed"] for c in varied]
             args.varied_phantoms, args.varied_seed = len(varied), min(seeds)
-        real = sorted({c.info["real_case"] for c in load_cache(cache) if c.info.get("real_case")})
-        forced = [c.case_id for c in load_cache(cache) if c.source == "real"]
+        real = sorted({c.info["real_case"] for c in all_cached if c.info.get("real_case")})
+        forced = [c.case_id for c in all_cached if c.source == "real"]
         if cached:
             seeds = [c.info["seed"] for c in cached]
             phantom_seeds = (min(seeds), max(seeds) + 1)
