@@ -377,6 +377,13 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
         # femoral head, a false positive) is no vertebral body, whatever its size.
         x_mm = ndimage.mean(np.broadcast_to(np.arange(mask.shape[2]) * spacing_zyx[2], mask.shape), cores,
                             np.arange(1, n + 1))
+        # Only cores near the mask's own median column count toward the mid-line: a network that
+        # sees the spine as thin pieces but a femoral head as one thick blob would otherwise put
+        # the mid-line through the hip and drop the whole spine (real scan left out of training:
+        # one network's Dice 0.000 from a raw mask of 0.451).
+        column_counts = np.cumsum(mask.sum(axis=(0, 1)))
+        x_mask = float(np.searchsorted(column_counts, column_counts[-1] / 2.0)) * spacing_zyx[2]
+        big &= np.abs(x_mm - x_mask) <= max_lateral_mm
         if big.any():
             order_x = np.argsort(x_mm[big])
             weights = np.cumsum(sizes[big][order_x])
