@@ -279,6 +279,9 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="crops per step and process")
     parser.add_argument("--crop", type=int, default=160, help="training crop size in pixels (multiple of 16)")
+    parser.add_argument("--grid-mm", type=float, default=1.5,
+                        help="in-plane pixel size (mm) of the network grid (default 1.5; recorded in the weights, "
+                        "one grid per --cache)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation by case (the paper: 10)")

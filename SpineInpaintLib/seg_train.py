@@ -3,8 +3,9 @@
 Data: phantom cases (:func:`SpineInpaintLib.datasets.phantom_case`), the real scans
 (:func:`SpineInpaintLib.datasets.real_case`) and DeepLesion-format folders with our ``Masks_png/``
 extension. Every case is resampled once to the network grid
-(:func:`SpineInpaintLib.segmentation.to_network_grid`) and cached as ``.npy`` under the cache folder
-(never in git); training draws 2.5D crops from the cached volumes.
+(:func:`SpineInpaintLib.segmentation.to_network_grid`, ``--grid-mm``, 1.5 mm by default) and cached as
+``.npy`` under the cache folder (never in git; one grid per folder); training draws 2.5D crops from
+the cached volumes, and the weights record the grid they were trained on.
 
 Splits are by case: the fixed train/val/test split of :func:`SpineInpaintLib.datasets.split_of`
 (test cases are never used here), or ``--folds K --fold k``: the train and val cases together cut
@@ -59,6 +60,8 @@ class CachedCase:
         self.case_id = info["case_id"]
         self.source = info.get("source", "")
         self.z_spacing = float(info["z_spacing"])
+        # Caches written before the grid was recorded hold the then fixed 1.5 mm grid.
+        self.grid_mm = float(info.get("grid_mm", seg.GRID_MM))
         self._ct = None
         self._classes = None
 
@@ -79,17 +82,18 @@ class CachedCase:
         return np.nonzero(self.classes.reshape(self.classes.shape[0], -1).any(axis=1))[0]
 
 
-def cache_case(case: datasets.Case, folder: Path) -> dict:
-    """Resample a case to the network grid and write ``<id>_ct.npy`` and ``<id>_labels.npy``."""
+def cache_case(case: datasets.Case, folder: Path, grid_mm: float = seg.GRID_MM) -> dict:
+    """Resample a case to the network grid (``grid_mm`` pixels) and write ``<id>_ct.npy`` and ``<id>_labels.npy``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ct = seg.to_network_grid(case.ct)
-    labels = seg.to_network_grid(case.labels, labels=True)
+    ct = seg.to_network_grid(case.ct, grid_mm=grid_mm)
+    labels = seg.to_network_grid(case.labels, labels=True, grid_mm=grid_mm)
     vertebrae = np.where((labels.array >= 25) & (labels.array <= 50), labels.array, 0).astype(np.uint8)
     np.save(folder / f"{case.case_id}_ct.npy", np.clip(np.round(ct.array), -1024, 3071).astype(np.int16))
     np.save(folder / f"{case.case_id}_labels.npy", vertebrae)
     info = {"case_id": case.case_id, "source": case.source, "seed": int(case.seed),
             "split": datasets.split_of(case.case_id), "z_spacing": float(ct.spacing[2]),
+            "grid_mm": float(ct.spacing[0]),
             "shape_zyx": list(ct.shape), "lesion": case.lesion is not None or bool(case.info.get("mask") is not None
                                                                                   and np.any(case.info["mask"]))}
     if case.info.get("real_case"):
@@ -98,14 +102,22 @@ def cache_case(case: datasets.Case, folder: Path) -> dict:
     return info
 
 
-def load_cache(folder: Path) -> list[CachedCase]:
-    """Every cached case in ``folder`` (sorted by id)."""
+def load_cache(folder: Path, grid_mm: float | None = None) -> list[CachedCase]:
+    """Every cached case in ``folder`` (sorted by id).
+
+    With ``grid_mm``, a folder holding cases on another grid is a one-line error (one grid per cache).
+    """
     folder = Path(folder)
     cases = []
     for path in sorted(folder.glob("*.json")):
         info = json.loads(path.read_text())
         if "case_id" in info and (folder / f"{info['case_id']}_ct.npy").exists():
             cases.append(CachedCase(folder, info))
+    if grid_mm is not None:
+        other = sorted({c.grid_mm for c in cases if abs(c.grid_mm - float(grid_mm)) > 1e-6})
+        if other:
+            raise SpineInpaintError(f"{folder} holds cases on a {other[0]:g} mm grid, not {float(grid_mm):g} mm: "
+                                    "use another --cache for this --grid-mm")
     return cases
 
 
@@ -267,7 +279,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                        progress: bool = True, data_note: str = "", phantom_seeds: tuple[int, int] | None = None,
                        healthy_fraction: float = 0.3, real: Sequence[str] = (), real_weight: float = 1.0,
                        init: Path | None = None, low_resolution: float = 0.0,
-                       boundary_weight: float = 0.0) -> dict:
+                       boundary_weight: float = 0.0, grid_mm: float = seg.GRID_MM) -> dict:
     """Train one network on the cached cases; returns a summary (last epoch's metrics, paths).
 
     Writes ``out/checkpoint.pt`` every epoch (resumed from when present and ``resume``),
@@ -278,7 +290,8 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
     ``real_weight`` draws real-scan cases that many times as often as their slice count says, and
     ``low_resolution`` is the probability of the coarse-scan augmentation (:func:`seg.train_transforms`);
     ``boundary_weight`` weighs a binary cross-entropy of the spine mask in the loss
-    (:func:`seg.segmentation_loss`). Under ``torchrun`` each process draws its own crops and DDP
+    (:func:`seg.segmentation_loss`). ``grid_mm`` is the pixel size of the cached cases (checked) and is
+    recorded in the weights' ``preprocessing``. Under ``torchrun`` each process draws its own crops and DDP
     averages the gradients; only rank 0 writes.
     """
     import torch
@@ -291,7 +304,8 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
     ctx = training.init_distributed(device)
     seed = training.seed_everything(seed)
     out = Path(out)
-    cases = [c for c in load_cache(cache) if c.case_id not in set(exclude)]
+    grid_mm = seg.check_grid(grid_mm)
+    cases = [c for c in load_cache(cache, grid_mm) if c.case_id not in set(exclude)]
     if not cases:
         raise SpineInpaintError(f"no cached cases in {cache} (run with --phantoms N or --deeplesion DIR)")
     train_cases_, val_cases = assign_splits(cases, folds=folds, fold=fold, seed=seed, train_cases=train_cases)
@@ -375,7 +389,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
             "architecture": {"net": net, "in_channels": seg.IN_CHANNELS, "out_channels": seg.N_CLASSES,
                              "parameters": seg.count_parameters(training.unwrap(model)),
                              "monai_class": "UNet" if net == "unet" else "VNet (3x3 convolutions, 16-channel head)"},
-            "preprocessing": {"orientation": "LPS", "grid_mm": seg.GRID_MM, "neighbour_mm": seg.NEIGHBOUR_MM,
+            "preprocessing": {"orientation": "LPS", "grid_mm": grid_mm, "neighbour_mm": seg.NEIGHBOUR_MM,
                               "windows_hu": [list(w) for w in seg.WINDOWS],
                               "input": "slice below, slice, slice above (wide window), slice (bone window)"},
             "classes": {str(i): int(v) for i, v in enumerate(seg.CLASS_IDS)},
@@ -499,7 +513,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise SpineInpaintError(f"--folds must be 0 (fixed split) or >= 2, got {args.folds}")
     if args.folds and not 0 <= args.fold < args.folds:
         raise SpineInpaintError(f"--fold must be in [0, {args.folds - 1}], got {args.fold}")
+    grid_mm = seg.check_grid(getattr(args, "grid_mm", seg.GRID_MM))
     cache = Path(args.cache)
+    load_cache(cache, grid_mm)  # a cache of another grid is refused before any case is built
     out = Path(args.out or f"runs/segmentation/{args.net}")
     lesion_types = ("lytic", "sclerotic", "mixed")
     builders = []
@@ -522,11 +538,11 @@ def run_train(args: argparse.Namespace) -> int:
         existing = {c.case_id for c in load_cache(cache)}
         todo = [(i, b) for i, b in builders if i not in existing]
         for case_id, build in tqdm(todo, desc="caching cases", unit="case", disable=not todo):
-            cache_case(build(), cache)
+            cache_case(build(), cache, grid_mm)
         for root in args.deeplesion:
             for case in deeplesion_cases(Path(root)):
                 if case.case_id not in existing:
-                    cache_case(case, cache)
+                    cache_case(case, cache, grid_mm)
     ctx.barrier()
     ids = [i for i, _ in builders]
     for root in args.deeplesion:
@@ -563,7 +579,7 @@ def run_train(args: argparse.Namespace) -> int:
         export=Path(args.export) if args.export else None, threads=args.threads, data_note=note,
         phantom_seeds=phantom_seeds, healthy_fraction=args.healthy_fraction,
         real=real, real_weight=args.real_weight, init=Path(args.init) if args.init else None,
-        low_resolution=args.low_resolution, boundary_weight=args.boundary_weight)
+        low_resolution=args.low_resolution, boundary_weight=args.boundary_weight, grid_mm=grid_mm)
     if ctx.is_main:
         print(json.dumps(summary, indent=2))
     return 0
@@ -614,8 +630,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for net in nets:
         models[net], metas[net] = seg.load_model(net, Path(args.weights_dir) / f"{net}.safetensors")
     print(format_table_i({n: metas[n].get("metrics_last_epoch", {}) for n in nets}))
-    print("(ours: last epoch, 2.5D crops on the 1.5 mm grid, spine-class IoU pooled over the validation crops; "
-          "the paper: 512x512 slices, Keras)")
+    grids = ", ".join(f"{n} {getattr(models[n], 'spine_grid_mm', seg.GRID_MM):g} mm" for n in nets)
+    print(f"(ours: last epoch, 2.5D crops on the network grid ({grids}), spine-class IoU pooled over the "
+          "validation crops; the paper: 512x512 slices, Keras)")
     report: dict = {"table_i": {n: metas[n].get("metrics_last_epoch", {}) for n in nets}, "paper": PAPER_TABLE_I}
     test = _test_phantoms(metas[nets[0]])
     if args.cases is not None:

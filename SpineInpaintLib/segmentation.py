@@ -12,7 +12,8 @@ V-Net (Keras) and report the IoU of the binary spine mask. Here both networks co
   swapped for 3x3 ones after construction), a 16-channel last feature map and a 1x1 output convolution.
 
 Beyond the paper the networks see 2.5D input (the slice and its neighbours 2.5 mm above and below)
-on a fixed 1.5 mm in-plane grid, and predict, besides background, the vertebra level of each pixel
+on a fixed in-plane grid (1.5 mm for the shipped weights; the grid is a property of the weights,
+``preprocessing.grid_mm`` in their JSON), and predict, besides background, the vertebra level of each pixel
 (T10 ... S1 and the sacrum, TotalSegmentator v2 ids, plus one class for vertebrae above T10). The
 binary spine mask is ``1 - p(background)``; per-vertebra labels come from a 3D split of that mask
 into vertebrae (a watershed seeded by the vertebral-body cores) numbered by the level votes of the
@@ -41,6 +42,7 @@ from SpineInpaintLib import SpineInpaintError, io
 __all__ = [
     "NETWORKS",
     "GRID_MM",
+    "check_grid",
     "NEIGHBOUR_MM",
     "WINDOWS",
     "CLASS_IDS",
@@ -68,7 +70,8 @@ __all__ = [
 
 #: The two networks of the paper.
 NETWORKS = ("unet", "vnet")
-#: In-plane pixel size (mm) of the network grid (the paper: 512x512 native, about 0.7-0.9 mm).
+#: In-plane pixel size (mm) of the network grid of new training runs and of weights that do not
+#: record one (the paper: 512x512 native, about 0.7-0.9 mm).
 GRID_MM = 1.5
 #: Distance (mm) of the two neighbour slices of the 2.5D input above and below the slice.
 NEIGHBOUR_MM = 2.5
@@ -142,14 +145,26 @@ def ids_to_classes(labels: np.ndarray) -> np.ndarray:
     return lut[np.asarray(labels).astype(np.uint8)]
 
 
-def to_network_grid(volume: io.Volume, *, labels: bool = False) -> io.Volume:
-    """``volume`` re-oriented to LPS and resampled to :data:`GRID_MM` in-plane (slice spacing kept).
+def check_grid(grid_mm: float) -> float:
+    """``grid_mm`` as a float, or a one-line error when no network grid can have that pixel size."""
+    try:
+        value = float(grid_mm)
+    except (TypeError, ValueError):
+        raise SpineInpaintError(f"segmentation pixel size must be a number of mm, got {grid_mm!r}") from None
+    if not (np.isfinite(value) and 0.25 <= value <= 4.0):
+        raise SpineInpaintError(f"segmentation pixel size must be between 0.25 and 4 mm, got {grid_mm}")
+    return value
+
+
+def to_network_grid(volume: io.Volume, *, labels: bool = False, grid_mm: float = GRID_MM) -> io.Volume:
+    """``volume`` re-oriented to LPS and resampled to ``grid_mm`` in-plane (slice spacing kept).
 
     The grid keeps the physical extent of the input (same origin corner and direction after the
     re-orientation), so :func:`SpineInpaintLib.io.resample_like` brings results back exactly.
     """
+    grid_mm = check_grid(grid_mm)
     lps = io.reorient(volume, "LPS")
-    spacing = (GRID_MM, GRID_MM, lps.spacing[2])
+    spacing = (grid_mm, grid_mm, lps.spacing[2])
     default = 0.0 if labels else -1024.0
     if not labels and lps.array.dtype not in (np.float32, np.float64):
         lps = lps.with_array(lps.array.astype(np.float32))
@@ -544,6 +559,10 @@ def default_weights(net: str = "unet") -> Path:
 def load_model(net: str = "unet", weights: str | Path | None = None, device: str = "cpu"):
     """A network in eval mode with its safetensors weights (default: the shipped ones) and their metadata.
 
+    The network grid the weights were trained on (``preprocessing.grid_mm`` of the metadata,
+    :data:`GRID_MM` when absent) is kept on the model as ``spine_grid_mm``; :func:`segment_volume`
+    resamples to it.
+
     Returns
     -------
     (model, metadata)
@@ -562,6 +581,7 @@ def load_model(net: str = "unet", weights: str | Path | None = None, device: str
     model = build_network(name, arch.get("in_channels", IN_CHANNELS), arch.get("out_channels", N_CLASSES))
     load_weights(model, path)
     model.eval()
+    model.spine_grid_mm = check_grid(meta.get("preprocessing", {}).get("grid_mm", GRID_MM))
     return model.to(torch.device(device)), meta
 
 
@@ -650,8 +670,8 @@ def segment_volume(ct: io.Volume, net: str = "unet", *, model=None, weights: str
                    progress: bool = False, lesion: io.Volume | None = None) -> SegmentationResult:
     """Segment the spine of a whole CT volume (any orientation and spacing).
 
-    The CT is re-oriented to LPS and resampled to the network grid (:data:`GRID_MM` in-plane, its own
-    slice spacing), segmented slice by slice in batches, cleaned of stray components
+    The CT is re-oriented to LPS and resampled to the network grid (the weights' pixel size in-plane,
+    :data:`GRID_MM` for a model without one; its own slice spacing), segmented slice by slice in batches, cleaned of stray components
     (:func:`clean_mask`), split into vertebrae (:func:`split_vertebrae`), and brought back to the
     input grid: the spine probability by linear interpolation then a 0.5 threshold, the levels by
     nearest neighbour inside that mask.
@@ -687,7 +707,8 @@ def segment_volume(ct: io.Volume, net: str = "unet", *, model=None, weights: str
         return _empty_result(ct, ["not_ct"], [message], {"total": time.perf_counter() - start}, net)
     if model is None:
         model, _ = load_model(net, weights, device)
-    grid = to_network_grid(ct)
+    grid_mm = getattr(model, "spine_grid_mm", GRID_MM)
+    grid = to_network_grid(ct, grid_mm=grid_mm)
     timings["resample_in"] = time.perf_counter() - start
     t = time.perf_counter()
     probs = predict_grid(model, grid.array, grid.spacing[2], batch_size=batch_size, device=device, progress=progress)
@@ -707,7 +728,7 @@ def segment_volume(ct: io.Volume, net: str = "unet", *, model=None, weights: str
         fill = None
         if lesion is not None:
             fill = to_network_grid(lesion.with_array((np.asarray(lesion.array) > 0).astype(np.uint8)),
-                                   labels=True).array > 0
+                                   labels=True, grid_mm=grid_mm).array > 0
         grid_labels = split_vertebrae(mask, probs, spacing_zyx, fill=fill)
         # Pieces that belong to no vertebra leave the spine mask too (else the nearest label would
         # be handed to them on the input grid).

@@ -123,6 +123,22 @@ def test_network_grid_keeps_physical_positions_for_any_orientation():
     np.testing.assert_allclose(c_ras, c_grid, atol=1e-6)
 
 
+
+def test_network_grid_of_another_pixel_size_keeps_physical_positions():
+    case = _column_case("synthetic_0")
+    fine = seg.to_network_grid(case.labels, labels=True, grid_mm=1.0)
+    assert fine.spacing == pytest.approx((1.0, 1.0, 2.5))
+    # 64 pixels of 1.5 mm = 96 mm: 96 pixels of 1 mm.
+    assert fine.shape[1:] == (96, 96)
+    c_src = case.labels.index_to_physical(np.argwhere(case.labels.array == 29).mean(axis=0))
+    c_fine = fine.index_to_physical(np.argwhere(fine.array == 29).mean(axis=0))
+    np.testing.assert_allclose(c_src, c_fine, atol=0.51)  # box edges fall on half-pixels of the coarser grid
+    back = io.resample_like(fine, case.labels, labels=True)
+    np.testing.assert_array_equal(back.array, case.labels.array)
+    for bad in (0.1, 5.0, float("nan"), "a"):
+        with pytest.raises(SpineInpaintError, match="segmentation pixel size must be"):
+            seg.to_network_grid(case.ct, grid_mm=bad)
+
 # --- checks and post-processing ------------------------------------------------------------------------
 def test_check_ct_flags_non_ct():
     case = _column_case("synthetic_0")
@@ -461,6 +477,52 @@ def test_init_starts_from_given_weights_and_records_them(tiny_cache, tmp_path):
     meta = json.loads((tmp_path / "b" / "unet.json").read_text())
     assert meta["training"]["init"] == str(source) and meta["training"]["real_weight"] == 1.0
 
+
+def test_weights_carry_their_grid_to_segment_volume(tmp_path, monkeypatch):
+    # A cache and a run on a 1.0 mm grid: the weights record it, load_model reads it back and
+    # segment_volume resamples the CT to it (64 pixels of 1.5 mm -> 96 of 1 mm).
+    cache = tmp_path / "cache10"
+    for case_id in ("synthetic_0", "synthetic_32"):
+        info = st.cache_case(_column_case(case_id), cache, grid_mm=1.0)
+        assert info["grid_mm"] == 1.0 and info["shape_zyx"] == [36, 96, 96]
+    kwargs = dict(steps_per_epoch=1, batch_size=1, crop=32, seed=0, threads=1, progress=False, val_per_case=1)
+    st.train_segmentation("unet", tmp_path / "run", cache, epochs=1, grid_mm=1.0, **kwargs)
+    model, meta = seg.load_model("unet", tmp_path / "run" / "unet.safetensors")
+    assert meta["preprocessing"]["grid_mm"] == 1.0 and model.spine_grid_mm == 1.0
+    seen = []
+
+    def background_only(model_, hu, z_spacing, **_):
+        seen.append(hu.shape)
+        probs = np.zeros((seg.N_CLASSES,) + hu.shape, np.float16)
+        probs[0] = 1.0
+        return probs
+
+    monkeypatch.setattr(seg, "predict_grid", background_only)
+    case = _column_case("synthetic_0")
+    with pytest.warns(UserWarning, match="no spine"):
+        result = seg.segment_volume(case.ct, model=model)
+    assert seen == [(36, 96, 96)] and result.spine.same_grid(case.ct)
+    # Weights without a recorded grid (written before it was recorded) run on the old fixed grid.
+    model_old = seg.build_network("unet").eval()
+    with pytest.warns(UserWarning, match="no spine"):
+        seg.segment_volume(case.ct, model=model_old)
+    assert seen[-1] == (36, 64, 64)
+
+
+def test_a_cache_of_another_grid_is_refused(tiny_cache, tmp_path, capsys):
+    with pytest.raises(SpineInpaintError, match="holds cases on a 1.5 mm grid, not 1 mm"):
+        st.train_segmentation("unet", tmp_path / "run", tiny_cache, epochs=1, grid_mm=1.0, threads=1, progress=False)
+    assert not (tmp_path / "run").exists()
+    assert all(c.grid_mm == 1.5 for c in st.load_cache(tiny_cache, 1.5))
+    # A case cached before the grid was recorded holds the then fixed 1.5 mm grid.
+    assert st.CachedCase(tiny_cache, {"case_id": "x", "z_spacing": 2.5}).grid_mm == 1.5
+    # On the command line: refused before any phantom is built.
+    assert cli_main(["train", "segmentation", "--cache", str(tiny_cache), "--grid-mm", "1.0", "--phantoms", "3",
+                     "--out", str(tmp_path / "cli")]) == 2
+    assert "holds cases on a 1.5 mm grid, not 1 mm: use another --cache" in capsys.readouterr().err
+    assert sorted(c.case_id for c in st.load_cache(tiny_cache)) == ["synthetic_0", "synthetic_1", "synthetic_32"]
+    assert cli_main(["train", "segmentation", "--grid-mm", "0.1"]) == 2
+    assert "segmentation pixel size must be between 0.25 and 4 mm, got 0.1" in capsys.readouterr().err
 
 def test_real_weight_draws_real_scans_more_often(tiny_cache):
     cases = st.load_cache(tiny_cache)
