@@ -671,8 +671,8 @@ def segment_volume(ct: io.Volume, net: str = "unet", *, model=None, weights: str
     """Segment the spine of a whole CT volume (any orientation and spacing).
 
     The CT is re-oriented to LPS and resampled to the network grid (the weights' pixel size in-plane,
-    :data:`GRID_MM` for a model without one; its own slice spacing), segmented slice by slice in batches, cleaned of stray components
-    (:func:`clean_mask`), split into vertebrae (:func:`split_vertebrae`), and brought back to the
+    :data:`GRID_MM` for a model without one; its own slice spacing), segmented slice by slice in
+    batches, cleaned of stray components (:func:`clean_mask`), split into vertebrae (:func:`split_vertebrae`), and brought back to the
     input grid: the spine probability by linear interpolation then a 0.5 threshold, the levels by
     nearest neighbour inside that mask.
 
