@@ -120,7 +120,8 @@ def _add_restore(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lesion-mask", help="lesion mask on the CT's grid: skip detection and restore this region")
     parser.add_argument("--method", default=None,
                         help="inpainting method: context (default), wgan-gp, dcgan, pggan, biharmonic, nearest")
-    parser.add_argument("--seg-net", default="unet", choices=("unet", "vnet"), help="segmentation network")
+    parser.add_argument("--seg-net", default=None, choices=("unet", "vnet"),
+                        help="segmentation network (default unet, the faster; vnet scores higher)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed (recorded in report.json)")
     parser.add_argument("--no-figure", action="store_true", help="skip report.png")
@@ -150,15 +151,18 @@ def _run_restore(args: argparse.Namespace) -> int:
 def _add_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ct", help="spine CT (NIfTI, NRRD, MHA, or a DICOM folder)")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--seg-net", default="unet", choices=("unet", "vnet"), help="segmentation network")
+    parser.add_argument("--seg-net", default=None, choices=("unet", "vnet"),
+                        help="segmentation network (default unet, the faster; vnet scores higher)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed (recorded in report.json)")
 
 
 def _step_report(command: str, ct, args: argparse.Namespace) -> dict:
+    from SpineInpaintLib.segmentation import DEFAULT_NETWORK
     from SpineInpaintLib.training import resolve_device, seed_everything
 
     seed_everything(args.seed)
+    args.seg_net = args.seg_net or DEFAULT_NETWORK
     return {"version": __version__, "command": command, "seed": int(args.seed),
             "settings": {"seg_net": args.seg_net, "device": str(resolve_device(args.device))},
             "input": {"path": str(args.ct), "geometry": ct.geometry()}}

@@ -121,7 +121,7 @@ def grey_method_for(method: str) -> str:
     return method
 
 
-def segment_spine(ct: io.Volume, seg_net: str = "unet", *, device: str = "cpu", progress: bool = False,
+def segment_spine(ct: io.Volume, seg_net: str | None = None, *, device: str = "cpu", progress: bool = False,
                   lesion: io.Volume | None = None):
     """Vertebra labels of a CT, or a one-line :class:`SpineInpaintError` when there is no spine to restore.
 
@@ -129,10 +129,12 @@ def segment_spine(ct: io.Volume, seg_net: str = "unet", *, device: str = "cpu", 
     warnings (not CT, no spine) become errors, and a segmentation whose largest vertebra is under
     :data:`MIN_VERTEBRA_ML` counts as no spine. Returns the
     :class:`~SpineInpaintLib.segmentation.SegmentationResult`. A known ``lesion`` (on the CT's
-    grid) guides the split into vertebrae (``segment_volume(lesion=...)``).
+    grid) guides the split into vertebrae (``segment_volume(lesion=...)``). ``seg_net`` None: the
+    default network (:data:`~SpineInpaintLib.segmentation.DEFAULT_NETWORK`).
     """
     from SpineInpaintLib import segmentation
 
+    seg_net = seg_net or segmentation.DEFAULT_NETWORK
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # turned into one-line errors below
         seg = segmentation.segment_volume(ct, seg_net, device=device, progress=progress, lesion=lesion)
@@ -212,7 +214,7 @@ def restore(
     lesion_mask: io.Volume | np.ndarray | None = None,
     *,
     method: str = DEFAULT_METHOD,
-    seg_net: str = "unet",
+    seg_net: str | None = None,
     device: str = "cpu",
     seed: int = 0,
     smoothing: float = 0.5,
@@ -231,7 +233,7 @@ def restore(
         Inpainting method (``context`` default; ``wgan-gp``, ``dcgan``, ``pggan`` as the paper;
         ``biharmonic`` and ``nearest`` baselines).
     seg_net
-        ``unet`` or ``vnet``.
+        ``unet`` or ``vnet``; None: :data:`SpineInpaintLib.segmentation.DEFAULT_NETWORK` (the U-Net).
     device
         ``cpu``, ``cuda`` or ``auto``.
     seed
@@ -245,13 +247,14 @@ def restore(
     SpineInpaintError
         Input that is not a CT, a volume without spine, a lesion mask on another grid.
     """
-    from SpineInpaintLib import inpainting, surface
+    from SpineInpaintLib import inpainting, segmentation, surface
     from SpineInpaintLib.report import StageTimer
     from SpineInpaintLib.training import resolve_device, seed_everything
 
     if not isinstance(ct, io.Volume):
         raise SpineInpaintError(f"restore needs an io.Volume, got {type(ct).__name__}")
     seed_everything(seed)
+    seg_net = seg_net or segmentation.DEFAULT_NETWORK
     dev = str(resolve_device(device))
     mask_in = None if lesion_mask is None else _check_lesion_mask(lesion_mask, ct)
     timer = StageTimer()
