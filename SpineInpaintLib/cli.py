@@ -162,9 +162,8 @@ def _step_report(command: str, ct, args: argparse.Namespace) -> dict:
     from SpineInpaintLib.training import resolve_device, seed_everything
 
     seed_everything(args.seed)
-    args.seg_net = args.seg_net or DEFAULT_NETWORK
     return {"version": __version__, "command": command, "seed": int(args.seed),
-            "settings": {"seg_net": args.seg_net, "device": str(resolve_device(args.device))},
+            "settings": {"seg_net": args.seg_net or DEFAULT_NETWORK, "device": str(resolve_device(args.device))},
             "input": {"path": str(args.ct), "geometry": ct.geometry()}}
 
 
