@@ -513,7 +513,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise SpineInpaintError(f"--folds must be 0 (fixed split) or >= 2, got {args.folds}")
     if args.folds and not 0 <= args.fold < args.folds:
         raise SpineInpaintError(f"--fold must be in [0, {args.folds - 1}], got {args.fold}")
-    grid_mm = seg.check_grid(getattr(args, "grid_mm", seg.GRID_MM))
+    grid_mm = seg.check_grid(args.grid_mm)
     cache = Path(args.cache)
     load_cache(cache, grid_mm)  # a cache of another grid is refused before any case is built
     out = Path(args.out or f"runs/segmentation/{args.net}")
