@@ -121,7 +121,7 @@ def _add_restore(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None,
                         help="inpainting method: context (default), wgan-gp, dcgan, pggan, biharmonic, nearest")
     parser.add_argument("--seg-net", default=None, choices=("unet", "vnet"),
-                        help="segmentation network (default unet, the faster; vnet scores higher)")
+                        help="segmentation network (default vnet, the more accurate; unet the faster)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed (recorded in report.json)")
     parser.add_argument("--no-figure", action="store_true", help="skip report.png")
@@ -152,7 +152,7 @@ def _add_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ct", help="spine CT (NIfTI, NRRD, MHA, or a DICOM folder)")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--seg-net", default=None, choices=("unet", "vnet"),
-                        help="segmentation network (default unet, the faster; vnet scores higher)")
+                        help="segmentation network (default vnet, the more accurate; unet the faster)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed (recorded in report.json)")
 

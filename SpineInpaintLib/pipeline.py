@@ -233,7 +233,7 @@ def restore(
         Inpainting method (``context`` default; ``wgan-gp``, ``dcgan``, ``pggan`` as the paper;
         ``biharmonic`` and ``nearest`` baselines).
     seg_net
-        ``unet`` or ``vnet``; None: :data:`SpineInpaintLib.segmentation.DEFAULT_NETWORK` (the U-Net).
+        ``unet`` or ``vnet``; None: :data:`SpineInpaintLib.segmentation.DEFAULT_NETWORK` (the V-Net).
     device
         ``cpu``, ``cuda`` or ``auto``.
     seed

@@ -51,7 +51,7 @@ def test_restore_writes_the_contract_files_on_the_input_grid(tmp_path, capsys, l
     report = json.loads((out / "report.json").read_text())
     assert report["seed"] == 3 and report["lesion_source"] == "given"
     # No --seg-net: the default network, named in the report.
-    assert report["settings"]["seg_net"] == report["segmentation"]["net"] == segmentation.DEFAULT_NETWORK == "unet"
+    assert report["settings"]["seg_net"] == report["segmentation"]["net"] == segmentation.DEFAULT_NETWORK == "vnet"
     assert [v["level"] for v in report["restored_vertebrae"]] == ["L3"]
     stages = [s["name"] for s in report["timings"]["stages"]]
     assert stages[:1] == ["segment"] and "inpaint" in stages and "surfaces" in stages
@@ -141,7 +141,7 @@ def test_segment_then_detect_write_their_contract_files(tmp_path, capsys, lesion
     assert {28, 29, 30} <= set(np.unique(spine.array).tolist())  # L4, L3, L2 of this scan
     report = json.loads((tmp_path / "seg" / "report.json").read_text())
     assert report["seed"] == 4 and report["command"] == "segment" and "L3" in report["segmentation"]["levels"]
-    assert report["settings"]["seg_net"] == report["segmentation"]["net"] == "unet"
+    assert report["settings"]["seg_net"] == report["segmentation"]["net"] == segmentation.DEFAULT_NETWORK == "vnet"
 
     assert cli.main(["detect", str(ct_path), "--out", str(tmp_path / "det"),
                      "--spine-seg", str(tmp_path / "seg" / "spine_seg.nii.gz")]) == 0

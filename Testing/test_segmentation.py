@@ -393,6 +393,81 @@ def test_segment_volume_rejects_a_non_volume():
         seg.segment_volume(np.zeros((4, 4, 4)))
 
 
+class _BoneIsSpine(torch.nn.Module):
+    """A stand-in network without weights: spine (class 2) wherever the bone-window channel is bright.
+
+    Pointwise, so every pixel's answer depends on that pixel alone and a crop changes nothing.
+    Records the input shape of every call.
+    """
+
+    def __init__(self, name: str = "unet"):
+        super().__init__()
+        self._spine_net = name
+        self.spine_grid_mm = seg.GRID_MM
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(x.shape))
+        spine = (x[:, 3] > 0.3).float()
+        logits = torch.zeros((x.shape[0], seg.N_CLASSES) + tuple(x.shape[2:]))
+        logits[:, 0] = 50.0 * (1.0 - spine)
+        logits[:, 2] = 50.0 * spine
+        return logits
+
+
+def test_predict_grid_runs_the_network_on_the_box_only():
+    grid = seg.to_network_grid(_column_case("synthetic_0").ct)
+    hu, z_spacing = grid.array, grid.spacing[2]
+    model = _BoneIsSpine()
+    whole = seg.predict_grid(model, hu, z_spacing, box=(slice(None), slice(None)))
+    assert model.calls[-1][1:] == (seg.IN_CHANNELS, 64, 64)
+    assert whole[2].sum() > 0
+    part = seg.predict_grid(model, hu, z_spacing, box=(slice(18, 46), slice(19, 40)), batch_size=5)
+    box = (slice(16, 48), slice(16, 48))  # moved to multiples of 16 (the networks' strides) and grown to them
+    assert model.calls[-1][1:] == (seg.IN_CHANNELS, 32, 32)
+    assert [c[0] for c in model.calls] == [8] * 4 + [4] + [5] * 7 + [1]  # 36 slices in batches
+    np.testing.assert_array_equal(part[:, :, box[0], box[1]], whole[:, :, box[0], box[1]])
+    outside = np.ones(hu.shape[1:], bool)
+    outside[box] = False
+    assert (part[0][:, outside] == 1).all() and not part[1:][:, :, outside].any()
+    # A box at the image's edge is padded with air to a multiple of 16; None is the whole slice.
+    edge = seg.predict_grid(model, hu, z_spacing, box=(slice(40, 64), slice(0, 64)))
+    assert model.calls[-1][1:] == (seg.IN_CHANNELS, 32, 64)  # rows 32-63, then 8 rows of air
+    np.testing.assert_array_equal(edge[:, :, 32:], whole[:, :, 32:])
+    np.testing.assert_array_equal(seg.predict_grid(model, hu, z_spacing), whole)
+
+
+def test_locate_spine_boxes_the_located_column_with_a_margin_and_a_least_width():
+    grid = seg.to_network_grid(_column_case("synthetic_0").ct)  # bone in rows and columns 20-43
+    hu, spacing = grid.array, grid.spacing_zyx
+    assert seg.locate_spine(_BoneIsSpine(), hu, spacing, margin_mm=6.0, min_mm=0.0) == (slice(16, 48),) * 2
+    assert seg.locate_spine(_BoneIsSpine(), hu, spacing, margin_mm=6.0, min_mm=60.0) == (slice(12, 52),) * 2
+    assert seg.locate_spine(_BoneIsSpine(), hu, spacing) == (slice(0, 64),) * 2  # 240 mm > the 96 mm image
+    # Near the border: grown to the least width, then shifted back inside the image.
+    corner = np.full((5, 64, 64), -1000.0, np.float32)
+    corner[:, 2:10, 50:60] = 600.0
+    assert seg.locate_spine(_BoneIsSpine(), corner, spacing, margin_mm=0.0, min_mm=30.0) == \
+        (slice(0, 20), slice(44, 64))
+    assert seg.locate_spine(_BoneIsSpine(), np.full_like(hu, -1000.0), spacing) is None
+
+
+def test_vnet_on_the_located_spine_matches_whole_slices(real_case):
+    # The shipped V-Net (default) runs on the box the shipped U-Net finds: same masks as on whole slices.
+    from SpineInpaintLib import metrics
+
+    ct, labels = real_case
+    assert seg.DEFAULT_NETWORK == "vnet"
+    model, _ = seg.load_model()
+    located = seg.segment_volume(ct, model=model)
+    whole = seg.segment_volume(ct, model=model, locator=None)
+    assert located.net == whole.net == "vnet"
+    assert "locate" in located.timings and "locate" not in whole.timings
+    assert metrics.dice(located.spine.array > 0, whole.spine.array > 0) >= 0.99
+    assert np.mean(located.labels.array == whole.labels.array) >= 0.999
+    truth = (labels.array >= 25) & (labels.array <= 50)
+    assert metrics.dice(located.spine.array > 0, truth) >= 0.90
+
+
 def test_missing_weights_is_a_user_error(tmp_path):
     with pytest.raises(SpineInpaintError, match="segmentation weights not found"):
         seg.load_model("unet", tmp_path / "nope.safetensors")
