@@ -95,6 +95,16 @@ class Method(enum.Enum):
         return self.value
 
 
+class SegmentationNetwork(enum.Enum):
+    """Spine segmentation network (names match SpineInpaintModuleLib.steps.SEGMENTATION_NETWORKS)."""
+
+    VNET = "V-Net (best)"
+    UNET = "U-Net (faster)"
+
+    def label(self):
+        return self.value
+
+
 class Device(enum.Enum):
     """Where the networks run (names match SpineInpaintModuleLib.steps.DEVICES)."""
 
@@ -113,6 +123,7 @@ class SpineInpaintParameterNode:
     inputVolume - CT to restore (never modified).
     segmentation - vertebra segments and the 'Lesion' segment.
     method - inpainting method.
+    segmentationNetwork - network that segments the spine.
     device - where the networks run.
     stlFolder - folder for Export STL.
     restoredVolume - the restored CT of the last Restore.
@@ -121,6 +132,7 @@ class SpineInpaintParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     method: Method = Method.CONTEXT
+    segmentationNetwork: SegmentationNetwork = SegmentationNetwork.VNET
     device: Device = Device.AUTO
     stlFolder: pathlib.Path
     restoredVolume: vtkMRMLScalarVolumeNode
@@ -391,7 +403,8 @@ class SpineInpaintLogic(ScriptedLoadableModuleLogic):
         installed SpineInpaintLib does not provide it yet.
         """
         return self.runner().start(stepKey, parameterNode.inputVolume, parameterNode.segmentation,
-                                   method=parameterNode.method.name, device=parameterNode.device.name)
+                                   method=parameterNode.method.name, device=parameterNode.device.name,
+                                   segmentation_network=parameterNode.segmentationNetwork.name)
 
     @staticmethod
     def _startupEnvironment():

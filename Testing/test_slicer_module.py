@@ -109,7 +109,8 @@ def test_ui_parameter_names_match_the_parameter_node(ui_widgets):
 
 
 def test_combo_items_match_the_enum_labels(ui_widgets):
-    for combo, enum_name in (("methodComboBox", "Method"), ("deviceComboBox", "Device")):
+    for combo, enum_name in (("methodComboBox", "Method"), ("deviceComboBox", "Device"),
+                             ("segmentationNetworkComboBox", "SegmentationNetwork")):
         values = [item.value.value for item in class_node(enum_name).body if isinstance(item, ast.Assign)]
         items = [i.find("property/string").text for i in ui_widgets[combo].findall("item")]
         assert items == values
@@ -254,6 +255,29 @@ def test_options_the_library_lacks_are_refused(steps, monkeypatch):
         steps.build_command("restore", "python", "a", "b", lesion_mask="m.nii.gz")
     with pytest.raises(ValueError, match="unknown device 'TPU'"):
         steps.build_command("restore", "python", "a", "b", device="TPU")
+
+
+def test_segmentation_network_is_passed_to_every_step_that_segments(steps, monkeypatch):
+    from SpineInpaintLib import cli, segmentation
+
+    for step in ("segment", "detect", "restore"):
+        default = steps.build_command(step, "python", "in.nii.gz", "outdir")
+        args = cli.build_parser().parse_args(default[3:])
+        assert args.seg_net == segmentation.DEFAULT_NETWORK == "vnet", step
+        unet = steps.build_command(step, "python", "in.nii.gz", "outdir", segmentation_network="UNET")
+        assert cli.build_parser().parse_args(unet[3:]).seg_net == "unet", step
+    # Vertebra segments given to 'Detect lesions': nothing is segmented, no network named.
+    reuse = steps.build_command("detect", "python", "in.nii.gz", "outdir", spine_labels="spine.nii.gz",
+                                segmentation_network="UNET")
+    assert "--seg-net" not in reuse
+    with pytest.raises(ValueError, match="unknown segmentation network 'RESNET'"):
+        steps.build_command("segment", "python", "a", "b", segmentation_network="RESNET")
+    # A library without the option runs its own default, and refuses another choice in one line.
+    monkeypatch.setitem(cli.COMMANDS, "restore", ("restore (contract)", contract_restore_parser, lambda a: 0))
+    assert "--seg-net" not in steps.build_command("restore", "python", "a", "b")
+    with pytest.raises(steps.StepNotAvailable,
+                       match=r"choosing the segmentation network \(UNET\) is not available yet"):
+        steps.build_command("restore", "python", "a", "b", segmentation_network="UNET")
 
 
 def test_parse_progress_reads_tqdm_lines(steps):

@@ -83,7 +83,8 @@ class StepRunner:
 
     # --- the steps -------------------------------------------------------------------------------
     def start(self, step_key: str, input_node, segmentation_node=None, method: str = steps.DEFAULT_METHOD,
-              device: str = "AUTO") -> steps.BackgroundStep:
+              device: str = "AUTO",
+              segmentation_network: str = steps.DEFAULT_SEGMENTATION_NETWORK) -> steps.BackgroundStep:
         """Write the inputs to a temporary folder and start the step's command in the background.
 
         Returns the running :class:`~.steps.BackgroundStep` with ``stepKey``, ``workDir`` and
@@ -108,7 +109,8 @@ class StepRunner:
                 spine_path = work_dir / "spine_seg_in.nii.gz"
             # Checks that the command exists before anything heavy is written.
             command = steps.build_command(step_key, self.python, input_path, out_dir, lesion_path,
-                                          method=method, device=device, spine_labels=spine_path)
+                                          method=method, device=device, spine_labels=spine_path,
+                                          segmentation_network=segmentation_network)
             io.write_volume(mrml.volume_from_node(input_node), input_path)
             if lesion is not None:
                 io.write_volume(lesion, lesion_path)
@@ -152,9 +154,11 @@ class StepRunner:
                 shutil.rmtree(job.workDir, ignore_errors=True)
 
     def run(self, step_key: str, input_node, segmentation_node=None, method: str = steps.DEFAULT_METHOD,
-            device: str = "AUTO", timeout: float | None = None):
+            device: str = "AUTO", timeout: float | None = None,
+            segmentation_network: str = steps.DEFAULT_SEGMENTATION_NETWORK):
         """Start, wait for and finish a step (console and batch use; the GUI polls instead)."""
-        job = self.start(step_key, input_node, segmentation_node, method=method, device=device)
+        job = self.start(step_key, input_node, segmentation_node, method=method, device=device,
+                         segmentation_network=segmentation_network)
         try:
             job.wait(timeout)
         except BaseException:

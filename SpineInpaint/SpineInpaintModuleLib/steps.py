@@ -72,6 +72,10 @@ METHODS: dict[str, str] = {
 #: The method the library uses when none is given: the context generator, which restores destructive
 #: lesions best (README, 'evaluate inpainting'); WGAN-GP is the paper's.
 DEFAULT_METHOD = "CONTEXT"
+#: Segmentation network: the module's enum name -> the command line's value.
+SEGMENTATION_NETWORKS: dict[str, str] = {"VNET": "vnet", "UNET": "unet"}
+#: The network the library uses when none is given: the V-Net (more accurate; the U-Net is faster).
+DEFAULT_SEGMENTATION_NETWORK = "VNET"
 #: Device: the module's enum name -> the command line's value (None: let the library choose).
 DEVICES: dict[str, str | None] = {"AUTO": None, "CPU": "cpu", "GPU": "cuda"}
 
@@ -144,6 +148,7 @@ def build_command(
     method: str = DEFAULT_METHOD,
     device: str = "AUTO",
     spine_labels: str | os.PathLike | None = None,
+    segmentation_network: str = DEFAULT_SEGMENTATION_NETWORK,
 ) -> list[str]:
     """The command line that runs a step.
 
@@ -153,8 +158,9 @@ def build_command(
         'segment', 'detect' or 'restore'.
     python
         The interpreter (PythonSlicer inside Slicer).
-    method, device
-        Enum names of the module's parameter node (see :data:`METHODS`, :data:`DEVICES`).
+    method, device, segmentation_network
+        Enum names of the module's parameter node (see :data:`METHODS`, :data:`DEVICES`,
+        :data:`SEGMENTATION_NETWORKS`).
     spine_labels
         Vertebra labels already in the scene ('Detect lesions' then skips segmenting again).
 
@@ -169,6 +175,9 @@ def build_command(
         raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
     if device not in DEVICES:
         raise ValueError(f"unknown device '{device}' (known: {', '.join(DEVICES)})")
+    if segmentation_network not in SEGMENTATION_NETWORKS:
+        raise ValueError(f"unknown segmentation network '{segmentation_network}' "
+                         f"(known: {', '.join(SEGMENTATION_NETWORKS)})")
     step = STEPS[step_key]
     options = command_options(step.command)
     if options is None:
@@ -194,6 +203,13 @@ def build_command(
     if DEVICES[device] is not None:
         need("--device", f"choosing the device ({device})")
         command += ["--device", DEVICES[device]]
+    # Every step segments (detect when no vertebra segments are given); the network is named whenever
+    # the library takes it, so the command says which one ran.
+    if spine_labels is None:
+        if "--seg-net" in options:
+            command += ["--seg-net", SEGMENTATION_NETWORKS[segmentation_network]]
+        elif segmentation_network != DEFAULT_SEGMENTATION_NETWORK:
+            need("--seg-net", f"choosing the segmentation network ({segmentation_network})")
     if step_key == "restore":
         if "--method" in options:
             command += ["--method", METHODS[method]]
