@@ -76,7 +76,7 @@ __all__ = [
 NETWORKS = ("unet", "vnet")
 #: The network used when none is named: the V-Net, which scores higher than the U-Net (test-phantom
 #: IoU 0.912 vs 0.871, restored L3 Dice 0.933 vs 0.909, README) and, run on the box around the spine
-#: that the U-Net finds first (:func:`locate_spine`), segments a 512x512x100 volume in about 12 s.
+#: that the U-Net finds first (:func:`locate_spine`), segments a 512x512x100 volume in about 15 s.
 DEFAULT_NETWORK = "vnet"
 #: In-plane pixel size (mm) of the network grid of new training runs and of weights that do not
 #: record one (the paper: 512x512 native, about 0.7-0.9 mm).
@@ -771,7 +771,7 @@ def segment_volume(ct: io.Volume, net: str = DEFAULT_NETWORK, *, model=None, wei
         A fast network that first finds the spine, so that the network runs only on a box around
         it (:func:`locate_spine`; the rest of each slice is background). ``'auto'``: the shipped
         U-Net for the networks of :data:`LOCATED_NETWORKS` (the V-Net), on the same grid; None:
-        whole slices (the box around the body).
+        whole slices.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -788,15 +788,15 @@ def segment_volume(ct: io.Volume, net: str = DEFAULT_NETWORK, *, model=None, wei
         model, _ = load_model(net, weights, device)
     grid_mm = getattr(model, "spine_grid_mm", GRID_MM)
     used = str(getattr(model, "_spine_net", net)).lower()
+    grid = to_network_grid(ct, grid_mm=grid_mm)
+    timings["resample_in"] = time.perf_counter() - start
+    t = time.perf_counter()
     if isinstance(locator, str) and locator == "auto":
         locator = load_model("unet", device=device)[0] if used in LOCATED_NETWORKS else None
     if locator is not None and getattr(locator, "spine_grid_mm", GRID_MM) != grid_mm:
         locator = None  # a box found on another grid would need resampling; whole slices instead
-    grid = to_network_grid(ct, grid_mm=grid_mm)
-    timings["resample_in"] = time.perf_counter() - start
     box = None
     if locator is not None:
-        t = time.perf_counter()
         box = locate_spine(locator, grid.array, grid.spacing_zyx, batch_size=batch_size, device=device,
                            progress=progress)
         timings["locate"] = time.perf_counter() - t
@@ -846,7 +846,7 @@ def segment_volume(ct: io.Volume, net: str = DEFAULT_NETWORK, *, model=None, wei
         warnings.warn(message, UserWarning, stacklevel=2)
         flags, messages = ["no_spine"], [message]
     return SegmentationResult(ct.with_array(spine.astype(np.uint8)), ct.with_array(labels_back), flags, messages,
-                              timings, str(getattr(model, "_spine_net", net)))
+                              timings, used)
 
 
 def export_vertebra(labels: io.Volume, level: int | str) -> io.Volume:
