@@ -61,6 +61,7 @@ __all__ = [
     "clean_mask",
     "directional_flood",
     "split_vertebrae",
+    "number_chain",
     "SegmentationResult",
     "load_model",
     "default_weights",
@@ -87,6 +88,8 @@ LOCATED_NETWORKS = ("vnet",)
 #: Margin (mm) around the located spine, and the least width of the box (the training crops: 160 px of 1.5 mm).
 LOCATE_MARGIN_MM = 24.0
 LOCATE_MIN_MM = 240.0
+#: Cost of skipping a level when the vertebrae are numbered (:func:`number_chain`), in mean votes of a vertebra.
+SKIP_COST = 1.0
 #: Distance (mm) of the two neighbour slices of the 2.5D input above and below the slice.
 NEIGHBOUR_MM = 2.5
 #: HU windows mapped to [0, 1]: a wide one for the three slices, a bone window on the centre slice.
@@ -345,6 +348,39 @@ def directional_flood(seeds: np.ndarray, mask: np.ndarray, *, upward_cost: int =
     return out
 
 
+def number_chain(votes: np.ndarray, *, skip_cost: float = SKIP_COST) -> list[int]:
+    """Chain positions of vertebrae ordered caudal to cranial, from their votes for each position.
+
+    ``votes`` (n, positions): the network's summed level probability of each vertebra for each
+    position of the chain (sacrum-and-S1, L5, L4, ...). Consecutive vertebrae take consecutive
+    positions, or skip one where two vertebrae came out as one piece (a missed disc): a skip costs
+    ``skip_cost`` times the mean vote mass of a vertebra, so one merge no longer shifts every level
+    above it. Without skips this is the best offset of a consecutive run. Dynamic programming, exact.
+    """
+    votes = np.asarray(votes, float)
+    n, m = votes.shape
+    if n == 0:
+        return []
+    if n > m:  # more pieces than levels: the extra ones get position m (no level)
+        return number_chain(votes[:m], skip_cost=skip_cost) + [m] * (n - m)
+    penalty = skip_cost * float(votes.sum()) / n
+    best = np.full((n, m), -np.inf)
+    came_from = np.zeros((n, m), int)
+    best[0] = votes[0]
+    for k in range(1, n):
+        for p in range(k, m):
+            options = [(best[k - 1, p - 1], p - 1)]
+            if p >= 2:
+                options.append((best[k - 1, p - 2] - penalty, p - 2))
+            value, previous = max(options)
+            best[k, p] = value + votes[k, p]
+            came_from[k, p] = previous
+    positions = [int(np.argmax(best[n - 1]))]
+    for k in range(n - 1, 0, -1):
+        positions.append(int(came_from[k, positions[-1]]))
+    return positions[::-1]
+
+
 def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Sequence[float], *,
                     core_mm: float = 5.0, min_core_ml: float = 0.8, max_lateral_mm: float = 35.0,
                     flood: str = "geodesic", attach_mm: float = 6.0, keep_ml: float = 5.0,
@@ -485,14 +521,10 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
             chain_votes[:, _CHAIN.index(35):] += per_segment[:, None] / (len(_CHAIN) - _CHAIN.index(35))
         else:
             chain_votes[:, _CHAIN.index(label)] += per_segment
-    best, best_offset = -np.inf, 0
-    for offset in range(0, len(_CHAIN) - n + 1):
-        total = sum(chain_votes[order[k], offset + k] for k in range(n))
-        if total > best:
-            best, best_offset = total, offset
+    positions = number_chain(chain_votes[order])
     lut = np.zeros(n + 1, np.uint8)
     for k in range(n):
-        lut[order[k] + 1] = _CHAIN[best_offset + k] if best_offset + k < len(_CHAIN) else 0
+        lut[order[k] + 1] = _CHAIN[positions[k]] if positions[k] < len(_CHAIN) else 0
     out = lut[segments]
     # The sacrum (S2-S5) and S1 are fused: split that segment voxel by voxel.
     s1 = out == 26

@@ -198,6 +198,27 @@ def test_split_vertebrae_does_not_take_a_thick_blob_beside_a_thin_column_for_the
     assert not out[~mask].any()
 
 
+def test_number_chain_skips_a_level_only_where_the_votes_say_two_vertebrae_merged():
+    # Four pieces caudal to cranial voting for chain positions (0 = sacrum and S1, 1 = L5, ...).
+    votes = np.zeros((4, 8))
+    votes[[0, 1, 2, 3], [1, 2, 3, 4]] = 10.0
+    assert seg.number_chain(votes) == [1, 2, 3, 4]  # consecutive: the best offset
+    # The second piece is L4 and L3 in one (a missed disc); the pieces above vote for L2 and L1.
+    merged = np.zeros((4, 8))
+    merged[[0, 1, 2, 3], [1, 2, 4, 5]] = 10.0
+    assert seg.number_chain(merged) == [1, 2, 4, 5]
+    assert seg.number_chain(merged, skip_cost=100.0) in ([1, 2, 3, 4], [2, 3, 4, 5])  # no skip: a shift
+    # Weak evidence for a skip (0.2 of a piece's votes against a cost of half a piece): none.
+    weak = np.zeros((4, 8))
+    weak[[0, 1], [1, 2]] = 10.0
+    weak[[2, 3], [3, 4]] = 1.0
+    weak[[2, 3], [4, 5]] = 1.2
+    assert seg.number_chain(weak) == [1, 2, 3, 4]
+    # More pieces than levels: the extra ones get no level (position = number of levels).
+    assert seg.number_chain(np.eye(3, 2)) == [0, 1, 2]
+    assert seg.number_chain(np.zeros((0, 5))) == []
+
+
 def test_directional_flood_costs_match_hand_computed_paths():
     # A column of 11 voxels along z, seeds at both ends. Unit costs: each half goes to its end.
     # Climbing costs 4: voxel z is reached from below at 4 z and from above at 10 - z, so the
