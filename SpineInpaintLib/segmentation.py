@@ -392,8 +392,9 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
     ``'geodesic'``, breadth-first inside the mask, default; or ``'distance'``, a watershed of the
     distance map) that hands every mask voxel connected to them to one vertebra (cores more than ``max_lateral_mm``
     from the column's mid-line, e.g. an iliac wing taken for spine, seed nothing). The vertebrae, ordered along the slices, get
-    consecutive TotalSegmentator ids (sacrum with S1, L5, L4, ...), the offset of the sequence chosen
-    to agree best with the network's per-voxel level scores; inside the sacrum-and-S1 segment each
+    TotalSegmentator ids (sacrum with S1, L5, L4, ...) that agree best with the network's per-voxel
+    level scores, consecutive but for a level skipped where that pays more than a vertebra's votes
+    (two vertebrae merged into one piece; :func:`number_chain`); inside the sacrum-and-S1 segment each
     voxel takes the better of the two ids. Pieces of the mask that no body reaches take the nearest
     vertebra when they come within ``attach_mm`` of one, or hold ``keep_ml`` or more within
     ``max_lateral_mm`` of the column, and are left out (0) otherwise. The geodesic flooding first
