@@ -278,6 +278,9 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
                         "(sharpens the mask's boundary; default 0)")
     parser.add_argument("--low-resolution", type=float, default=0.0,
                         help="probability of the coarse-scan augmentation (crops down-sampled to 40-100 %% and back)")
+    parser.add_argument("--intensity-augment", type=float, default=0.0,
+                        help="probability of each strong intensity remapping (random gamma 0.5-2, random "
+                        "histogram shift; for scans whose HU differ from the phantoms')")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="crops per step and process")

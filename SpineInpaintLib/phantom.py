@@ -223,6 +223,10 @@ class PhantomConfig:
         Standard deviation of the noise in soft tissue (HU), correlated by the point spread function.
     blur_mm
         Sigma (mm) of the in-plane Gaussian point spread function; 0 for none.
+    sacrum_plate
+        Draw S2-S5 as one wide plate bowed forward at its sides (56-23 mm half-widths, as a real
+        sacrum) instead of a row of bodies and small lateral masses. Off by default, which keeps
+        every existing phantom voxel for voxel.
     """
 
     seed: int = 0
@@ -252,6 +256,7 @@ class PhantomConfig:
     calcification: float = 0.3
     noise_hu: float = 15.0
     blur_mm: float = 0.5
+    sacrum_plate: bool = False
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -319,6 +324,8 @@ class PhantomConfig:
 
     def validate(self) -> None:
         """Raise :class:`SpineInpaintError` naming the first invalid field."""
+        if not isinstance(self.sacrum_plate, (bool, np.bool_)):
+            raise SpineInpaintError(f"sacrum_plate must be True or False, got {self.sacrum_plate!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise SpineInpaintError(f"seed must be a non-negative integer, got {self.seed!r}")
         if len(tuple(self.shape_xy)) != 2:
@@ -858,27 +865,58 @@ def _vertebra_prims(vt: _Vert, upper: _Vert | None) -> tuple[list[_Prim], list[_
     return prims, [canal]
 
 
-def _sacrum_prims(segments: list[_Vert], s1: _Vert) -> tuple[list[_Prim], list[_Prim]]:
-    """S2-S5: fused bodies, lateral masses (S2-S3, under the alae), a posterior plate and crest."""
+#: Half-widths (mm, before ``vertebra_scale``) of the sacral plate at S2 ... S5: a real adult sacrum is
+#: about 120 mm wide at S1-S2, 100 mm lower down and 45 mm near its tip.
+_SACRAL_PLATE_HALF_WIDTH = (56.0, 48.0, 36.0, 23.0)
+
+
+def _sacral_plate_sdf(half_width: float, t_mid: float, v_mid: float, bow: float, hc: float):
+    """A transverse plate bowed forward at its sides: its mid-surface at ``v = v_mid - bow (u / W)^2``,
+    ``t_mid`` thick at the mid-line and 65 % of that at its lateral ends, ``2 hc`` tall."""
+
+    def sdf(u, v, w):
+        r2 = np.minimum((u * _F(1.0 / half_width)) ** 2, _F(1.0))
+        half_t = _F(t_mid / 2) * (_F(1.0) - _F(0.35) * r2)
+        d = np.abs(v - (_F(v_mid) - _F(bow) * r2)) - half_t
+        np.maximum(d, np.abs(u) - _F(half_width), out=d)
+        np.maximum(d, np.abs(w) - _F(hc), out=d)
+        return d
+
+    return sdf
+
+
+def _sacrum_prims(segments: list[_Vert], s1: _Vert, plate: bool = False) -> tuple[list[_Prim], list[_Prim]]:
+    """S2-S5: fused bodies, a posterior plate and crest, and either lateral masses (S2-S3, under the
+    alae) or, with ``plate``, one wide bowed plate per segment that joins body and lateral masses
+    (the thin curved sacrum of real scans, 100 mm wide below the sacro-iliac joints)."""
     prims, cuts = [], []
     for i, sv in enumerate(segments):
         d, c, fr = sv.dims, sv.center, sv.frame
         a, b, hc = d["width"] / 2, d["depth"] / 2, d["height"] / 2 + 0.8
+        # in the plate the bodies are flatter (a real S3 body is ~12 mm deep, not 22)
+        b_body = 0.75 * b if plate else b
         prims.append(_Prim(c, fr, np.array([-a - 1, -b - 1, -hc - 1]), np.array([a + 1, b + 1, hc + 1]),
-                           _body_sdf(a, b, hc, post=0.85)))
+                           _body_sdf(a, b_body, hc, post=0.85)))
+        if plate:
+            scale = d["width"] / (44.0, 36.0, 28.0, 20.0)[i]  # the segment's size factor
+            w_half = _SACRAL_PLATE_HALF_WIDTH[i] * scale
+            t_mid, v_mid, bow = b + 3.0, 0.2 * b, 15.0 * scale
+            prims.append(_Prim(c, fr, np.array([-w_half - 1, v_mid - bow - t_mid / 2 - 1, -hc - 1]),
+                               np.array([w_half + 1, v_mid + t_mid / 2 + 1, hc + 1]),
+                               _sacral_plate_sdf(w_half, t_mid, v_mid, bow, hc)))
         cw, cd = d["canal_w"] / 2, max(d["canal_d"] / 2, 2.0)
         v_c = 0.85 * b + cd + 0.5
         # posterior plate (fused laminae) over the sacral canal, with the median crest
         lt = 3.0
-        def plate(u, v, w, cw=cw, cd=cd, v_c=v_c, hc=hc, lt=lt):
+        def laminae(u, v, w, cw=cw, cd=cd, v_c=v_c, hc=hc, lt=lt):
             d = _sd_ellipse(u, v - _F(v_c - 0.3 * cd), cw + lt + 2, cd + lt + 0.3 * cd)
             return np.maximum(d, np.abs(w) - _F(hc))
 
         prims.append(_Prim(c, fr, np.array([-cw - 6, v_c - 2, -hc - 1]),
-                           np.array([cw + 6, v_c + cd + lt + 6, hc + 1]), plate))
+                           np.array([cw + 6, v_c + cd + lt + 6, hc + 1]), laminae))
         prims.append(_capsule_prim(c, fr, (0, v_c + cd + 2, hc * 0.6), (0, v_c + cd + 7, -hc * 0.6),
                                    2.8 - 0.3 * i))
-        if i < 2:
+        if i < 2 and not plate:
             span = (s1.dims["tp_span"] / 2 - 6 - 12 * i) * 1.0
             for s in (-1.0, 1.0):
                 mass_c = c + fr @ np.array([s * (a + 0.5 * (span - a)), 0.35 * b, 0.0])
@@ -1691,7 +1729,7 @@ def make_phantom(config: PhantomConfig | None = None, **overrides) -> Phantom:
 
     verts, sacral = _build_spine(cfg, rng_geo)
     vprims = [_vertebra_prims(v, verts[i + 1] if i + 1 < len(verts) else None) for i, v in enumerate(verts)]
-    sprims = _sacrum_prims(sacral, verts[0])
+    sprims = _sacrum_prims(sacral, verts[0], plate=cfg.sacrum_plate)
     ext = {v.label: _vertebra_extent(pr[0]) for v, pr in zip(verts, vprims)}
     sac_lo, sac_hi = _vertebra_extent(sprims[0])
     # The "sacrum" level's field of view reaches 20 mm below the sacrum: the hip joints beside it.

@@ -183,14 +183,14 @@ class CropSampler:
     """
 
     def __init__(self, cases: Sequence[CachedCase], crop: int = 160, seed: int = 0, augment: bool = True,
-                 real_weight: float = 1.0, low_resolution: float = 0.0):
+                 real_weight: float = 1.0, low_resolution: float = 0.0, intensity: float = 0.0):
         if not cases:
             raise SpineInpaintError("no training cases")
         self.cases = list(cases)
         self.crop = int(crop)
         self.rng = np.random.default_rng(seed)
         self.augment = augment
-        self.transform = seg.train_transforms(seed, low_resolution) if augment else None
+        self.transform = seg.train_transforms(seed, low_resolution, intensity) if augment else None
         # Cases are drawn in proportion to their spine slices; real scans (few, but the anatomy the
         # phantoms only approximate) can be drawn ``real_weight`` times as often.
         weights = np.array([len(c.spine_slices) * (real_weight if c.source == "real" else 1.0)
@@ -278,7 +278,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                        val_per_case: int = 12, export: Path | None = None, threads: int | None = None,
                        progress: bool = True, data_note: str = "", phantom_seeds: tuple[int, int] | None = None,
                        healthy_fraction: float = 0.3, real: Sequence[str] = (), real_weight: float = 1.0,
-                       init: Path | None = None, low_resolution: float = 0.0,
+                       init: Path | None = None, low_resolution: float = 0.0, intensity: float = 0.0,
                        boundary_weight: float = 0.0, grid_mm: float = seg.GRID_MM) -> dict:
     """Train one network on the cached cases; returns a summary (last epoch's metrics, paths).
 
@@ -288,7 +288,8 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
     ``out/<net>.safetensors`` + JSON metadata at the end (also to ``export`` when given).
     ``init`` starts a fresh run from existing weights (fine-tuning; ignored when resuming), and
     ``real_weight`` draws real-scan cases that many times as often as their slice count says, and
-    ``low_resolution`` is the probability of the coarse-scan augmentation (:func:`seg.train_transforms`);
+    ``low_resolution`` and ``intensity`` are the probabilities of the coarse-scan and the strong intensity
+    augmentations (:func:`seg.train_transforms`);
     ``boundary_weight`` weighs a binary cross-entropy of the spine mask in the loss
     (:func:`seg.segmentation_loss`). ``grid_mm`` is the pixel size of the cached cases (checked) and is
     recorded in the weights' ``preprocessing``. Under ``torchrun`` each process draws its own crops and DDP
@@ -335,7 +336,7 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
             break
         # Seeds per (epoch, rank): a resumed run draws the same crops as an uninterrupted one.
         sampler = CropSampler(train_cases_, crop=crop, seed=seed * 100_003 + epoch * 101 + ctx.rank,
-                              real_weight=real_weight, low_resolution=low_resolution)
+                              real_weight=real_weight, low_resolution=low_resolution, intensity=intensity)
         current_lr = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, epochs)))
         for group in optimizer.param_groups:
             group["lr"] = current_lr
@@ -400,7 +401,8 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                          "data": data_note, "phantom_seeds": list(phantom_seeds) if phantom_seeds else None,
                          "healthy_fraction": healthy_fraction, "real_in_training": list(real),
                          "real_weight": real_weight, "init": str(init) if init else None,
-                         "low_resolution_augmentation": low_resolution, "boundary_weight": boundary_weight},
+                         "low_resolution_augmentation": low_resolution,
+                         "intensity_augmentation": intensity, "boundary_weight": boundary_weight},
             "metrics_last_epoch": summary,
         }
         weights = training.save_weights(model, out / f"{net}.safetensors", meta)
@@ -503,6 +505,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise SpineInpaintError(f"--crop must be a multiple of 16 and >= 32, got {args.crop}")
     if not 0.0 <= args.low_resolution <= 1.0:
         raise SpineInpaintError(f"--low-resolution must be a probability in [0, 1], got {args.low_resolution}")
+    if not 0.0 <= args.intensity_augment <= 1.0:
+        raise SpineInpaintError(f"--intensity-augment must be a probability in [0, 1], got {args.intensity_augment}")
     if args.boundary_weight < 0:
         raise SpineInpaintError(f"--boundary-weight must be >= 0, got {args.boundary_weight}")
     if args.real_weight <= 0:
@@ -579,7 +583,8 @@ def run_train(args: argparse.Namespace) -> int:
         export=Path(args.export) if args.export else None, threads=args.threads, data_note=note,
         phantom_seeds=phantom_seeds, healthy_fraction=args.healthy_fraction,
         real=real, real_weight=args.real_weight, init=Path(args.init) if args.init else None,
-        low_resolution=args.low_resolution, boundary_weight=args.boundary_weight, grid_mm=grid_mm)
+        low_resolution=args.low_resolution, intensity=args.intensity_augment,
+        boundary_weight=args.boundary_weight, grid_mm=grid_mm)
     if ctx.is_main:
         print(json.dumps(summary, indent=2))
     return 0

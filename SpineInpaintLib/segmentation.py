@@ -536,17 +536,21 @@ def split_vertebrae(mask: np.ndarray, level_scores: np.ndarray, spacing_zyx: Seq
 
 
 # --- training pieces (MONAI transforms and loss) -------------------------------------------------
-def train_transforms(seed: int = 0, low_resolution: float = 0.0):
+def train_transforms(seed: int = 0, low_resolution: float = 0.0, intensity: float = 0.0):
     """MONAI augmentation of a 2.5D crop: dict ``{'image': (4, H, W), 'label': (1, H, W)}``.
 
     Affine jitter (rotation +-10 deg, scale +-10 %, shear), left-right flips (the level of a
     vertebra does not depend on the side), intensity scale and shift (other scanners' calibration and
     kernels), Gaussian noise and blur, and (``low_resolution`` > 0, that probability) a coarser scan:
     the crop down-sampled to 40-100 % of its pixels and back (3-4 mm pixels at most), as thick-slice
-    clinical CT looks on the 1.5 mm grid.
+    clinical CT looks on the 1.5 mm grid; and (``intensity`` > 0, that probability each) a strong
+    intensity remapping: a random gamma (0.5-2) and a random monotone histogram shift, one mapping for
+    all four channels, so that a network cannot lean on the phantoms' exact bone and soft-tissue values
+    (real osteopenic bone is dimmer than most phantoms').
     """
-    from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised, RandGaussianSmoothd,
-                                  RandScaleIntensityd, RandShiftIntensityd, RandSimulateLowResolutiond)
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFlipd, RandGaussianNoised,
+                                  RandGaussianSmoothd, RandHistogramShiftd, RandScaleIntensityd,
+                                  RandShiftIntensityd, RandSimulateLowResolutiond)
 
     keys = ("image", "label")
     transform = Compose([
@@ -558,7 +562,9 @@ def train_transforms(seed: int = 0, low_resolution: float = 0.0):
         RandGaussianSmoothd("image", sigma_x=(0.25, 0.8), sigma_y=(0.25, 0.8), prob=0.2),
         RandGaussianNoised("image", std=0.015, prob=0.3),
     ] + ([RandSimulateLowResolutiond("image", prob=float(low_resolution), downsample_mode="area",
-                                     upsample_mode="bilinear", zoom_range=(0.4, 1.0))] if low_resolution > 0 else []))
+                                     upsample_mode="bilinear", zoom_range=(0.4, 1.0))] if low_resolution > 0 else [])
+      + ([RandAdjustContrastd("image", prob=float(intensity), gamma=(0.5, 2.0)),
+          RandHistogramShiftd("image", prob=float(intensity), num_control_points=(5, 10))] if intensity > 0 else []))
     transform.set_random_state(seed=int(seed) % 2**32)
     return transform
 

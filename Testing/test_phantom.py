@@ -92,6 +92,27 @@ def test_every_requested_level_is_labelled(small_phantom):
     assert only.ct.shape[0] < small_phantom.ct.shape[0]  # the field of view follows the request
 
 
+def test_sacrum_plate_makes_the_lower_sacrum_a_wide_plate_bowed_forward():
+    """``sacrum_plate``: the lower sacrum about 90 mm wide (a real one), not ~60 mm of bodies; off, the
+    phantom is the one drawn before the option existed (checked by hash against the previous commit)."""
+    cfg = dict(seed=3, levels=("sacrum", "S1"), shape_xy=(192, 192), spacing_xy=1.5, slice_thickness=3.0)
+    widths = {}
+    for plate in (False, True):
+        p = ph.make_phantom(ph.PhantomConfig(sacrum_plate=plate, **cfg))
+        sacrum = p.labels.array == 25
+        s2 = next(lv for lv in p.centerline if lv.name == "sacrum")  # placed at S2
+        u, v, w = _to_local(s2, p.ct.index_to_physical(np.argwhere(sacrum))).T
+        low = (w >= -50.0) & (w < -30.0)  # S4-S5
+        widths[plate] = np.ptp(u[low])
+        if plate:
+            mid, side = low & (np.abs(u) < 8.0), low & (np.abs(u) > 30.0)
+            # the plate's sides lie in front of its middle (v points back)
+            assert np.median(v[side]) < np.median(v[mid]) - 3.0
+    assert widths[True] > 85.0 and widths[False] < 65.0, widths
+    with pytest.raises(SpineInpaintError, match="sacrum_plate must be True or False"):
+        ph.make_phantom(ph.PhantomConfig(sacrum_plate="yes", **cfg))
+
+
 def test_sacrum_level_extends_the_field_of_view_into_the_pelvis(small_phantom):
     """``levels=("sacrum", ...)`` covers S2-S5 (label 25) to its lowest voxel, with the ilium beside it."""
     pelvic = ph.make_phantom(ph.PhantomConfig(seed=3, levels=("sacrum", "S1"), **SMALL))

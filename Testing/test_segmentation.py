@@ -685,3 +685,24 @@ def test_torchrun_two_processes_on_cpu(tiny_cache, tmp_path):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].rstrip().endswith(",2")  # world_size column
     assert json.loads((out / "unet.json").read_text())["training"]["world_size"] == 2
+
+
+def test_intensity_augmentation_remaps_the_image_monotonically_and_keeps_the_label():
+    rng = np.random.default_rng(1)
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32)
+    image = np.broadcast_to(ramp, (4, 64, 64)).copy()
+    label = (rng.random((1, 64, 64)) > 0.5).astype(np.float32)
+    transforms = seg.train_transforms(0, intensity=1.0).transforms
+    assert len(transforms) == len(seg.train_transforms(0).transforms) + 2
+    gamma, shift = transforms[-2], transforms[-1]
+    changed = 0
+    for _ in range(5):
+        out = shift(gamma({"image": image, "label": label}))
+        remapped = np.asarray(out["image"])
+        np.testing.assert_array_equal(np.asarray(out["label"]), label)
+        assert remapped.shape == image.shape
+        # One mapping for every channel, and it keeps the order of the values (bone stays brighter).
+        np.testing.assert_allclose(remapped[1:], np.broadcast_to(remapped[0], (3, 64, 64)), atol=1e-6)
+        assert np.all(np.diff(remapped[0, 0]) >= -1e-6)
+        changed += not np.allclose(remapped, image, atol=1e-3)
+    assert changed >= 4
