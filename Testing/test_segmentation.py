@@ -666,6 +666,8 @@ def test_cli_train_rejects_bad_arguments(capsys):
     assert "--init weights not found" in capsys.readouterr().err
     assert cli_main(["train", "segmentation", "--low-resolution", "1.5"]) == 2
     assert "--low-resolution must be a probability in [0, 1], got 1.5" in capsys.readouterr().err
+    assert cli_main(["train", "segmentation", "--intensity-augment", "-0.1"]) == 2
+    assert "--intensity-augment must be a probability in [0, 1], got -0.1" in capsys.readouterr().err
     assert cli_main(["train", "segmentation", "--boundary-weight", "-1"]) == 2
     assert "--boundary-weight must be >= 0, got -1" in capsys.readouterr().err
     assert cli_main(["train", "segmentation", "--varied-phantoms", "-2"]) == 2
