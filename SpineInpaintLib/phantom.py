@@ -736,7 +736,7 @@ def _build_spine(cfg: PhantomConfig, rng: np.random.Generator) -> tuple[list[_Ve
         step = prev_h / 2 + hgt * sc / 2 - 0.5
         mid = _frame((prev_theta + th) / 2, phi[0], 0.0)[:, 2]
         center = center - step * mid
-        d = dict(s1.dims, width=w * sc, depth=dep * sc, height=hgt * sc, disc_above=0.0,
+        d = dict(s1.dims, width=w * sc, depth=dep * sc, height=hgt * sc, disc_above=0.0, scale=sc,
                  canal_w=(22 - 3 * i) * sc, canal_d=(9 - 1.5 * i) * sc)
         sacral.append(_Vert(25, f"S{i + 2}", d, center.copy(), _frame(th, phi[0], 0.0), s1.cortical_hu,
                             s1.cancellous_hu * 0.85))
@@ -898,7 +898,7 @@ def _sacrum_prims(segments: list[_Vert], s1: _Vert, plate: bool = False) -> tupl
         prims.append(_Prim(c, fr, np.array([-a - 1, -b - 1, -hc - 1]), np.array([a + 1, b + 1, hc + 1]),
                            _body_sdf(a, b_body, hc, post=0.85)))
         if plate:
-            scale = d["width"] / (44.0, 36.0, 28.0, 20.0)[i]  # the segment's size factor
+            scale = d["scale"]  # the phantom's vertebra_scale
             w_half = _SACRAL_PLATE_HALF_WIDTH[i] * scale
             t_mid, v_mid, bow = b + 3.0, 0.2 * b, 15.0 * scale
             prims.append(_Prim(c, fr, np.array([-w_half - 1, v_mid - bow - t_mid / 2 - 1, -hc - 1]),
