@@ -113,6 +113,29 @@ def test_sacrum_plate_makes_the_lower_sacrum_a_wide_plate_bowed_forward():
         ph.make_phantom(ph.PhantomConfig(sacrum_plate="yes", **cfg))
 
 
+@pytest.mark.parametrize("plate", [False, True])
+def test_sacroiliac_joint_brings_each_ilium_to_the_sacrum_across_a_joint_space(plate):
+    """``sacroiliac_joint``: each ilium meets the sacrum and S1 over a broad surface (as in a real
+    pelvis) but never touches them: a 2.5 mm joint space stays; off, only a sliver comes that near."""
+    from scipy import ndimage
+
+    cfg = dict(seed=3, levels=("sacrum", "S1"), shape_xy=(192, 192), spacing_xy=1.5, slice_thickness=3.0,
+               sacrum_plate=plate)
+    near = {}
+    for joint in (False, True):
+        lab = ph.make_phantom(ph.PhantomConfig(sacroiliac_joint=joint, **cfg)).labels.array
+        dist = ndimage.distance_transform_edt(~np.isin(lab, [25, 26]), sampling=(3.0, 1.5, 1.5))
+        for hip in (77, 78):  # hip_left, hip_right
+            d = dist[lab == hip]
+            near[joint, hip] = int((d < 6.0).sum())  # ilium voxels within 6 mm of the sacrum
+            if joint:
+                assert d.min() >= 2.5, (hip, d.min())  # the joint space is kept open
+    for hip in (77, 78):
+        assert near[True, hip] > 3 * near[False, hip] and near[True, hip] > 500, near
+    with pytest.raises(SpineInpaintError, match="sacroiliac_joint must be True or False"):
+        ph.make_phantom(ph.PhantomConfig(sacroiliac_joint=1, **cfg))
+
+
 def test_sacrum_level_extends_the_field_of_view_into_the_pelvis(small_phantom):
     """``levels=("sacrum", ...)`` covers S2-S5 (label 25) to its lowest voxel, with the ilium beside it."""
     pelvic = ph.make_phantom(ph.PhantomConfig(seed=3, levels=("sacrum", "S1"), **SMALL))
