@@ -231,6 +231,11 @@ class PhantomConfig:
         Give each ilium a thick posterior part that meets the sacrum (the S1 ala and S2-S3) across a
         2.5 mm joint space, as real sacro-iliac joints do, instead of ending ~10 mm short of it.
         Off by default, which keeps every existing phantom voxel for voxel.
+    sacrum_upright
+        Curve S2-S5 forward as a real sacrum does (the sacral kyphosis: below S1 the sacrum runs
+        down, its tip turning forward) and end it in a coccyx, ~110 mm of sacrum below the S1 body,
+        instead of bending back to the horizontal ~70 mm behind S1. Off by default, which keeps
+        every existing phantom voxel for voxel.
     """
 
     seed: int = 0
@@ -262,6 +267,7 @@ class PhantomConfig:
     blur_mm: float = 0.5
     sacrum_plate: bool = False
     sacroiliac_joint: bool = False
+    sacrum_upright: bool = False
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -329,7 +335,7 @@ class PhantomConfig:
 
     def validate(self) -> None:
         """Raise :class:`SpineInpaintError` naming the first invalid field."""
-        for flag in ("sacrum_plate", "sacroiliac_joint"):
+        for flag in ("sacrum_plate", "sacroiliac_joint", "sacrum_upright"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise SpineInpaintError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
@@ -731,20 +737,25 @@ def _build_spine(cfg: PhantomConfig, rng: np.random.Generator) -> tuple[list[_Ve
                            _frame(theta[j], phi[j], psi[j]),
                            cfg.cortical_hu * float(rng.uniform(0.94, 1.06)),
                            cfg.cancellous_hu * float(rng.uniform(0.94, 1.06))))
-    # the sacrum below S1: S2 ... S5 curving backwards (sacral kyphosis), fused
+    # the sacrum below S1: S2 ... S5, fused; with sacrum_upright curving forward (the sacral
+    # kyphosis) and ending in a coccyx (Co1, Co2-4 fused), else bending back toward the horizontal
     sacral = []
     s1 = verts[0]
     center, prev_h, prev_theta = s1.center.copy(), s1.dims["height"], theta[0]
-    for i, (w, dep, hgt, dtheta) in enumerate(((44, 27, 23, 10), (36, 22, 19, 12), (28, 17, 15, 13),
-                                               (20, 13, 11, 13))):
+    segments = [(44, 27, 23, 10), (36, 22, 19, 12), (28, 17, 15, 13), (20, 13, 11, 13)]
+    if cfg.sacrum_upright:  # taller segments and a stronger curve (a real sacrum: ~110 mm, 50-60 deg)
+        segments = [(44, 27, 25, 10), (36, 22, 22, 14), (28, 17, 18, 16), (20, 13, 14, 16),
+                    (14, 10, 12, 14), (9, 7, 16, 12)]
+    for i, (w, dep, hgt, dtheta) in enumerate(segments):
         sc = cfg.vertebra_scale
-        th = prev_theta - dtheta
+        th = prev_theta + dtheta if cfg.sacrum_upright else prev_theta - dtheta
         step = prev_h / 2 + hgt * sc / 2 - 0.5
         mid = _frame((prev_theta + th) / 2, phi[0], 0.0)[:, 2]
         center = center - step * mid
         d = dict(s1.dims, width=w * sc, depth=dep * sc, height=hgt * sc, disc_above=0.0, scale=sc,
                  canal_w=(22 - 3 * i) * sc, canal_d=(9 - 1.5 * i) * sc)
-        sacral.append(_Vert(25, f"S{i + 2}", d, center.copy(), _frame(th, phi[0], 0.0), s1.cortical_hu,
+        name = f"S{i + 2}" if i < 4 else f"Co{i - 3}"
+        sacral.append(_Vert(25, name, d, center.copy(), _frame(th, phi[0], 0.0), s1.cortical_hu,
                             s1.cancellous_hu * 0.85))
         prev_h, prev_theta = hgt * sc, th
     return verts, sacral
@@ -903,6 +914,8 @@ def _sacrum_prims(segments: list[_Vert], s1: _Vert, plate: bool = False) -> tupl
         b_body = 0.75 * b if plate else b
         prims.append(_Prim(c, fr, np.array([-a - 1, -b - 1, -hc - 1]), np.array([a + 1, b + 1, hc + 1]),
                            _body_sdf(a, b_body, hc, post=0.85)))
+        if sv.name.startswith("Co"):  # the coccyx: small bodies, no canal or arches
+            continue
         if plate:
             scale = d["scale"]  # the phantom's vertebra_scale
             w_half = _SACRAL_PLATE_HALF_WIDTH[i] * scale
@@ -1106,7 +1119,7 @@ def _vertebra_extent(prims: Sequence[_Prim]) -> tuple[np.ndarray, np.ndarray]:
 
 def _make_layout(cfg: PhantomConfig, verts: list[_Vert], sacral: list[_Vert], tips_y: float,
                  rng: np.random.Generator) -> _Layout:
-    chain = list(reversed(sacral)) + verts
+    chain = [v for v in reversed(sacral) if not v.name.startswith("Co")] + verts
     zk = np.array([v.center[2] for v in chain])
     canal = []
     for v in chain:

@@ -136,6 +136,21 @@ def test_sacroiliac_joint_brings_each_ilium_to_the_sacrum_across_a_joint_space(p
         ph.make_phantom(ph.PhantomConfig(sacroiliac_joint=1, **cfg))
 
 
+def test_sacrum_upright_runs_the_sacrum_down_with_its_tip_turned_forward():
+    """``sacrum_upright``: a real sacrum's kyphosis (~110 mm tall, the coccyx tip in front of the
+    sacrum's back); off, the old one that bends back toward the horizontal, ~55 mm tall."""
+    cfg = dict(seed=3, levels=("sacrum", "S1"), shape_xy=(192, 192), spacing_xy=1.5, slice_thickness=3.0)
+    for upright in (False, True):
+        p = ph.make_phantom(ph.PhantomConfig(sacrum_upright=upright, **cfg))
+        x, y, z = p.ct.index_to_physical(np.argwhere(p.labels.array == 25)).T  # LPS: y points back
+        tip_y = np.median(y[z < z.min() + 10.0])  # the lowest 10 mm
+        if upright:
+            assert np.ptp(z) > 95.0 and tip_y < y.max() - 30.0, (np.ptp(z), tip_y, y.max())
+        else:
+            assert np.ptp(z) < 70.0 and tip_y > y.max() - 25.0, (np.ptp(z), tip_y, y.max())
+        assert 25 in p.levels_in_view()
+
+
 def test_sacrum_level_extends_the_field_of_view_into_the_pelvis(small_phantom):
     """``levels=("sacrum", ...)`` covers S2-S5 (label 25) to its lowest voxel, with the ilium beside it."""
     pelvic = ph.make_phantom(ph.PhantomConfig(seed=3, levels=("sacrum", "S1"), **SMALL))
