@@ -233,9 +233,9 @@ class PhantomConfig:
         Off by default, which keeps every existing phantom voxel for voxel.
     sacrum_upright
         Curve S2-S5 forward as a real sacrum does (the sacral kyphosis: below S1 the sacrum runs
-        down, its tip turning forward) and end it in a coccyx, ~110 mm of sacrum below the S1 body,
-        instead of bending back to the horizontal ~70 mm behind S1. Off by default, which keeps
-        every existing phantom voxel for voxel.
+        down, its tip turning forward) and end it in a coccyx: a sacrum ~100-115 mm tall instead of
+        one ~55-75 mm tall bending back toward the horizontal. Off by default, which keeps every
+        existing phantom voxel for voxel.
     """
 
     seed: int = 0
@@ -1647,6 +1647,7 @@ def _sacroiliac_prims(s1: _Vert, sacral: list[_Vert], side: float, plate: bool, 
         if plate:
             edge, v_edge = _SACRAL_PLATE_HALF_WIDTH[i] * sc, 0.2 * b - 15.0 * sc + 4.0
         else:
+            # the lateral end of the lateral masses drawn by _sacrum_prims
             edge, v_edge = s1.dims["tp_span"] / 2 - 6.0 - 12.0 * i + 5.0, 0.35 * b
         w = 0.0 if i == 0 else 0.3 * sv.dims["height"] / 2
         pts.append(sv.center + sv.frame @ np.array([side * (edge + 6.0 * sc), v_edge, w]))
