@@ -149,6 +149,8 @@ def test_sacrum_upright_runs_the_sacrum_down_with_its_tip_turned_forward():
         else:
             assert np.ptp(z) < 70.0 and tip_y > y.max() - 25.0, (np.ptp(z), tip_y, y.max())
         assert 25 in p.levels_in_view()
+    with pytest.raises(SpineInpaintError, match="sacrum_upright must be True or False"):
+        ph.PhantomConfig(sacrum_upright="no", **cfg).validate()
 
 
 def test_sacrum_level_extends_the_field_of_view_into_the_pelvis(small_phantom):
