@@ -902,6 +902,18 @@ def _sacral_plate_sdf(half_width: float, t_mid: float, v_mid: float, bow: float,
     return sdf
 
 
+def _sacral_plate_shape(i: int, sv: _Vert) -> tuple[float, float, float, float]:
+    """``(half_width, t_mid, v_mid, bow)`` of the sacral plate of segment ``i`` (S2 = 0), for
+    :func:`_sacral_plate_sdf`."""
+    b, scale = sv.dims["depth"] / 2, sv.dims["scale"]  # the phantom's vertebra_scale
+    return _SACRAL_PLATE_HALF_WIDTH[i] * scale, b + 3.0, 0.2 * b, 15.0 * scale
+
+
+def _lateral_mass_span(s1: _Vert, i: int) -> float:
+    """Lateral offset (mm) that sets the size of the lateral masses of S2 (``i`` 0) and S3 (1)."""
+    return s1.dims["tp_span"] / 2 - 6.0 - 12.0 * i
+
+
 def _sacrum_prims(segments: list[_Vert], s1: _Vert, plate: bool = False) -> tuple[list[_Prim], list[_Prim]]:
     """S2-S5: fused bodies, a posterior plate and crest, and either lateral masses (S2-S3, under the
     alae) or, with ``plate``, one wide bowed plate per segment that joins body and lateral masses
@@ -917,9 +929,7 @@ def _sacrum_prims(segments: list[_Vert], s1: _Vert, plate: bool = False) -> tupl
         if sv.name.startswith("Co"):  # the coccyx: small bodies, no canal or arches
             continue
         if plate:
-            scale = d["scale"]  # the phantom's vertebra_scale
-            w_half = _SACRAL_PLATE_HALF_WIDTH[i] * scale
-            t_mid, v_mid, bow = b + 3.0, 0.2 * b, 15.0 * scale
+            w_half, t_mid, v_mid, bow = _sacral_plate_shape(i, sv)
             prims.append(_Prim(c, fr, np.array([-w_half - 1, v_mid - bow - t_mid / 2 - 1, -hc - 1]),
                                np.array([w_half + 1, v_mid + t_mid / 2 + 1, hc + 1]),
                                _sacral_plate_sdf(w_half, t_mid, v_mid, bow, hc)))
@@ -936,7 +946,7 @@ def _sacrum_prims(segments: list[_Vert], s1: _Vert, plate: bool = False) -> tupl
         prims.append(_capsule_prim(c, fr, (0, v_c + cd + 2, hc * 0.6), (0, v_c + cd + 7, -hc * 0.6),
                                    2.8 - 0.3 * i))
         if i < 2 and not plate:
-            span = (s1.dims["tp_span"] / 2 - 6 - 12 * i) * 1.0
+            span = _lateral_mass_span(s1, i)
             for s in (-1.0, 1.0):
                 mass_c = c + fr @ np.array([s * (a + 0.5 * (span - a)), 0.35 * b, 0.0])
                 prims.append(_ellipsoid_prim(mass_c, fr, (0.5 * (span - a) + 5, 0.8 * b + 3, hc + 2)))
@@ -1643,12 +1653,11 @@ def _sacroiliac_prims(s1: _Vert, sacral: list[_Vert], side: float, plate: bool, 
     ala_tip = s1.dims["tp_span"] / 2 + 6.0  # lateral end of the ala ellipsoid in _vertebra_prims
     pts = [s1.center + s1.frame @ np.array([side * (ala_tip + 6.0 * sc), 0.25 * b1 + 4.0, 0.0])]
     for i, sv in enumerate(sacral[:2]):
-        b = sv.dims["depth"] / 2
         if plate:
-            edge, v_edge = _SACRAL_PLATE_HALF_WIDTH[i] * sc, 0.2 * b - 15.0 * sc + 4.0
-        else:
-            # the lateral end of the lateral masses drawn by _sacrum_prims
-            edge, v_edge = s1.dims["tp_span"] / 2 - 6.0 - 12.0 * i + 5.0, 0.35 * b
+            edge, _, v_mid, bow = _sacral_plate_shape(i, sv)
+            v_edge = v_mid - bow + 4.0
+        else:  # the lateral end of the lateral masses drawn by _sacrum_prims
+            edge, v_edge = _lateral_mass_span(s1, i) + 5.0, 0.35 * sv.dims["depth"] / 2
         w = 0.0 if i == 0 else 0.3 * sv.dims["height"] / 2
         pts.append(sv.center + sv.frame @ np.array([side * (edge + 6.0 * sc), v_edge, w]))
     r = 12.0 * sc
