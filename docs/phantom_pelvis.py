@@ -2,8 +2,8 @@
 
 Draws one varied phantom (``datasets.varied_overrides``; field of view from below the sacrum to L5)
 three times: with none of the three pelvic options of ``PhantomConfig`` (``sacrum_plate``,
-``sacroiliac_joint``, ``sacrum_upright``), with the plate only (the varied phantoms until the
-joint and the upright sacrum came), and with all three (the varied phantoms now), and shows each
+``sacroiliac_joint``, ``sacrum_upright``), with the plate only (the varied phantoms as drawn for
+training) and with all three, and shows each
 beside ``totalsegmentator/example_ct``: a mid-sagittal slice and an axial slice through S2, on one
 millimetre scale centred on the sacrum (green: sacrum label, blue: hip bones). It also prints the
 sacrum label's height and front-to-back depth (mm) in each.
@@ -24,8 +24,8 @@ from SpineInpaintLib import datasets, io, phantom
 
 VARIANTS = (
     ("none of the options", dict(sacrum_plate=False, sacroiliac_joint=False, sacrum_upright=False)),
-    ("sacrum_plate only", dict(sacroiliac_joint=False, sacrum_upright=False)),
-    ("all three (varied phantoms now)", {}),
+    ("sacrum_plate only (as trained)", dict(sacrum_plate=True, sacroiliac_joint=False, sacrum_upright=False)),
+    ("all three options", dict(sacrum_plate=True, sacroiliac_joint=True, sacrum_upright=True)),
 )
 
 
