@@ -534,6 +534,11 @@ def run_train(args: argparse.Namespace) -> int:
     for name in real:
         if name not in io.REAL_CASES:
             raise SpineInpaintError(f"unknown real case '{name}' (known: {', '.join(io.REAL_CASES)})")
+        # A scan whose labels carry no vertebra id (dcmqi_ct3slice: one label, 2, level unknown) would
+        # teach the network that its vertebra is background.
+        if not datasets.spine_mask(io.load_real_case(name)[1].array).any():
+            raise SpineInpaintError(f"real case '{name}' has no vertebra labels (TotalSegmentator ids 25-50) "
+                                    "to train on")
         for s, types in ((0, None), (1, lesion_types)):
             builders.append((f"real_{name}_{s:04d}", lambda n=name, s=s, t=types: datasets.real_case(n, seed=s, lesion_types=t)))
             forced.append(f"real_{name}_{s:04d}")

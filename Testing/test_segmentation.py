@@ -672,6 +672,8 @@ def test_cli_train_rejects_bad_arguments(capsys):
     assert "--boundary-weight must be >= 0, got -1" in capsys.readouterr().err
     assert cli_main(["train", "segmentation", "--varied-phantoms", "-2"]) == 2
     assert "--varied-phantoms must be >= 0, got -2" in capsys.readouterr().err
+    assert cli_main(["train", "segmentation", "--real", "dcmqi_ct3slice"]) == 2
+    assert "real case 'dcmqi_ct3slice' has no vertebra labels" in capsys.readouterr().err
 
 
 @pytest.mark.slow
