@@ -1,6 +1,7 @@
 """How do segmentation weights do on the real scan they never saw, and where do they fail?
 
-For each weights file (``.safetensors`` with its JSON, or a training ``checkpoint.pt``), on the real
+For each weights file (``.safetensors`` with its JSON, or a training ``checkpoint.pt``; U-Net or
+V-Net, run on whole slices without the shipped locator), on the real
 scan ``totalsegmentator/example_ct.nii.gz`` (labels: TotalSegmentator predictions):
 
 - the spine-mask Dice as ``evaluate segmentation`` scores it (``segment_volume``: clean-up and
@@ -33,13 +34,14 @@ from SpineInpaintLib.labels import VERTEBRA_NAMES
 OTHER_BONES = {75: "femur_left", 76: "femur_right", 77: "hip_left", 78: "hip_right", 0: "unlabelled"}
 
 
-def load(path: str):
-    """A U-Net in eval mode from safetensors weights or a training checkpoint."""
+def load(path: str, net: str = "unet"):
+    """A network in eval mode from safetensors weights (the network their JSON names) or a training
+    checkpoint (``net``)."""
     if path.endswith(".pt"):
-        model = segmentation.build_network("unet", segmentation.IN_CHANNELS, segmentation.N_CLASSES)
+        model = segmentation.build_network(net, segmentation.IN_CHANNELS, segmentation.N_CLASSES)
         training.load_checkpoint(Path(path), models={"net": model})
         return model.eval()
-    return segmentation.load_model("unet", path)[0]
+    return segmentation.load_model(net, path)[0]
 
 
 def breakdown(model, ct: io.Volume, labels: io.Volume) -> tuple[dict, io.Volume]:
@@ -47,8 +49,10 @@ def breakdown(model, ct: io.Volume, labels: io.Volume) -> tuple[dict, io.Volume]
     truth = datasets.spine_mask(labels.array) > 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipeline = segmentation.segment_volume(ct, "unet", model=model).spine.array > 0
-        raw_volume = segmentation.segment_volume(ct, "unet", model=model, clean=False, per_vertebra=False).spine
+        # Whole slices, no locator: the shipped U-Net that would find the V-Net's box saw this scan.
+        pipeline = segmentation.segment_volume(ct, model=model, locator=None).spine.array > 0
+        raw_volume = segmentation.segment_volume(ct, model=model, clean=False, per_vertebra=False,
+                                                 locator=None).spine
     raw = raw_volume.array > 0
     lab = labels.array
     fp_labels, fp_counts = np.unique(lab[pipeline & ~truth], return_counts=True)
@@ -109,13 +113,15 @@ def figure(ct: io.Volume, labels: io.Volume, raw: io.Volume, title: str, path: s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("weights", nargs="+", help="U-Net .safetensors (with JSON) or checkpoint.pt")
+    parser.add_argument("weights", nargs="+", help="U-Net or V-Net .safetensors (with JSON) or checkpoint.pt")
+    parser.add_argument("--net", default="unet", choices=segmentation.NETWORKS,
+                        help="network of checkpoint.pt files (safetensors: the one their JSON names)")
     parser.add_argument("--figure", help="PNG of the first weights' raw mask on the scan")
     args = parser.parse_args()
     ct, labels = io.load_real_case("totalsegmentator")
     report = {}
     for k, path in enumerate(args.weights):
-        scores, raw = breakdown(load(path), ct, labels)
+        scores, raw = breakdown(load(path, args.net), ct, labels)
         report[path] = scores
         print(path, json.dumps(scores), flush=True)
         if k == 0 and args.figure:
