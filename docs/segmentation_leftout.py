@@ -12,6 +12,9 @@ scan ``totalsegmentator/example_ct.nii.gz`` (labels: TotalSegmentator prediction
 - with ``--figure PNG``: sagittal, coronal and axial views (L3, L5, S1, two sacral slices) of the
   first weights' raw mask (red) over the labels (green).
 
+``--gammas 1,0.7 --flip`` averages the network over test-time variants of its input; ``--case
+totalsegmentator_dicom`` scores on the other labelled real scan (T11-T12).
+
 Usage (about 30 s per weights file)::
 
     .venv/bin/python docs/segmentation_leftout.py runs/seg/lo_var/unet.safetensors [more ...] \\
@@ -42,6 +45,31 @@ def load(path: str, net: str = "unet"):
         training.load_checkpoint(Path(path), models={"net": model})
         return model.eval()
     return segmentation.load_model(net, path)[0]
+
+
+def with_test_time_augmentation(model, gammas: tuple[float, ...] = (1.0,), flip: bool = False):
+    """``model`` averaging its class probabilities over a gamma of its windowed input (each of
+    ``gammas``; below 1 brightens) and, with ``flip``, the left-right mirror of each."""
+    import torch
+
+    class Averaged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+            self.spine_grid_mm = getattr(model, "spine_grid_mm", segmentation.GRID_MM)
+            self._spine_net = getattr(model, "_spine_net", "unet")
+
+        def forward(self, x):
+            probs = []
+            for gamma in gammas:
+                xg = x.clamp(0.0, 1.0) ** gamma
+                probs.append(torch.softmax(self.net(xg).float(), dim=1))
+                if flip:
+                    probs.append(torch.softmax(self.net(xg.flip(-1)).float(), dim=1).flip(-1))
+            # Log of the mean probability: segment_volume's softmax gives that mean back.
+            return torch.log(torch.stack(probs).mean(0) + 1e-8)
+
+    return Averaged().eval() if flip or tuple(gammas) != (1.0,) else model
 
 
 def breakdown(model, ct: io.Volume, labels: io.Volume) -> tuple[dict, io.Volume]:
@@ -117,11 +145,18 @@ def main() -> int:
     parser.add_argument("--net", default="unet", choices=segmentation.NETWORKS,
                         help="network of checkpoint.pt files (safetensors: the one their JSON names)")
     parser.add_argument("--figure", help="PNG of the first weights' raw mask on the scan")
+    parser.add_argument("--case", default="totalsegmentator", choices=("totalsegmentator", "totalsegmentator_dicom"),
+                        help="real scan to score on (default: example_ct; the other has T11-T12 only)")
+    parser.add_argument("--gammas", default="1", help="test-time gammas of the windowed input, comma-separated "
+                        "(probabilities averaged; default 1: none)")
+    parser.add_argument("--flip", action="store_true", help="also average over the left-right mirror")
     args = parser.parse_args()
-    ct, labels = io.load_real_case("totalsegmentator")
+    gammas = tuple(float(g) for g in args.gammas.split(","))
+    ct, labels = io.load_real_case(args.case)
     report = {}
     for k, path in enumerate(args.weights):
-        scores, raw = breakdown(load(path, args.net), ct, labels)
+        model = with_test_time_augmentation(load(path, args.net), gammas, args.flip)
+        scores, raw = breakdown(model, ct, labels)
         report[path] = scores
         print(path, json.dumps(scores), flush=True)
         if k == 0 and args.figure:
