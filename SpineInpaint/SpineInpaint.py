@@ -44,7 +44,6 @@ _addLibraryToPath()
 
 from SpineInpaintModuleLib import runner, steps  # noqa: E402
 
-
 #
 # SpineInpaint
 #
@@ -514,7 +513,8 @@ class SpineInpaintTest(ScriptedLoadableModuleTest):
     def test_MRMLBridge(self):
         import numpy as np
 
-        from SpineInpaintLib import io, mrml
+        from SpineInpaintLib import mrml
+        from SpineInpaintLib.core import io
 
         self.delayDisplay("MRML bridge")
         array = np.full((20, 24, 28), -1000, np.int16)

@@ -19,34 +19,26 @@ folder beside it and moved into place only when all succeeded, so a failure leav
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from SpineInpaintLib import SpineInpaintError, __version__, io
-from SpineInpaintLib.labels import VERTEBRA_NAMES
+from SpineInpaintLib import SpineInpaintError, __version__
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core.files import atomic_folder
+from SpineInpaintLib.core.labels import VERTEBRA_NAMES, vertebra_mask
+from SpineInpaintLib.core.outputs import OUTPUT_FILES
+from SpineInpaintLib.inpainting.methods import GAN_METHODS
+from SpineInpaintLib.segmentation.inference import segment_volume
 
-__all__ = ["RestoreResult", "restore", "segment_spine", "detect_lesions", "atomic_folder", "check_output_folder",
-           "write_step_outputs",
-           "write_outputs", "evaluate_restore", "OUTPUT_FILES", "DEFAULT_METHOD"]
-
-#: The output file names: a contract that tests, benchmarks and users rely on.
-OUTPUT_FILES = {
-    "restored_ct": "restored_ct.nii.gz",
-    "spine_seg": "spine_seg.nii.gz",
-    "lesion_seg": "lesion_seg.nii.gz",
-    "restored_seg": "restored_seg.nii.gz",
-    "restored_spine": "restored_spine.stl",
-    "report_json": "report.json",
-    "report_png": "report.png",
-}
+__all__ = [
+    "DEFAULT_METHOD", "RestoreResult", "segment_spine", "detect_lesions", "write_step_outputs", "restore",
+    "write_outputs", "grey_method_for", "MIN_VERTEBRA_ML", "MIN_PRINTABLE_ML", "drop_small_components",
+]
 
 #: The default inpainting method (see :data:`SpineInpaintLib.inpainting.METHODS`).
 DEFAULT_METHOD = "context"
@@ -112,10 +104,10 @@ def grey_method_for(method: str) -> str:
     weights for one of them, the vertebra's shape comes from it and the HU inside the lesion from
     the grayscale context generator (recorded as ``grey_method`` in the report).
     """
-    from SpineInpaintLib import gan, inpainting
+    from SpineInpaintLib.inpainting import networks as gan
 
     method = str(method).lower()
-    if method in inpainting.GAN_METHODS and \
+    if method in GAN_METHODS and \
             not gan.default_weights_path(method, "grey", "generator").exists():
         return "context"
     return method
@@ -132,12 +124,12 @@ def segment_spine(ct: io.Volume, seg_net: str | None = None, *, device: str = "c
     grid) guides the split into vertebrae (``segment_volume(lesion=...)``). ``seg_net`` None: the
     default network (:data:`~SpineInpaintLib.segmentation.DEFAULT_NETWORK`).
     """
-    from SpineInpaintLib import segmentation
+    from SpineInpaintLib.segmentation import networks as segmentation
 
     seg_net = seg_net or segmentation.DEFAULT_NETWORK
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # turned into one-line errors below
-        seg = segmentation.segment_volume(ct, seg_net, device=device, progress=progress, lesion=lesion)
+        seg = segment_volume(ct, seg_net, device=device, progress=progress, lesion=lesion)
     if "not_ct" in seg.flags:
         raise SpineInpaintError(seg.messages[0].split(" -- ")[0])
     if "no_spine" in seg.flags:
@@ -157,7 +149,7 @@ def detect_lesions(ct: io.Volume, labels: io.Volume, *, progress: bool = False) 
 
     The ``detect`` step of the command line and the second stage of :func:`restore`.
     """
-    from SpineInpaintLib import detection
+    from SpineInpaintLib.detection import inference as detection
 
     if not labels.same_grid(ct, tol=1e-3) or labels.shape != ct.shape:
         raise SpineInpaintError("the spine labels are on another grid than the CT; resample them onto the CT first")
@@ -167,38 +159,10 @@ def detect_lesions(ct: io.Volume, labels: io.Volume, *, progress: bool = False) 
     return found, mask
 
 
-def check_output_folder(out: str | os.PathLike) -> Path:
-    """``out`` as a Path; a one-line error when it exists and is not an empty folder."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SpineInpaintError(f"output folder {out} exists and is not empty; choose a new one")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike):
-    """Write into a temporary folder beside ``out`` and move it into place only when the block succeeds.
-
-    ``out`` must not exist or be empty; on any error the temporary folder goes and ``out`` is left
-    as it was, so a failed or interrupted run leaves no partial outputs.
-    """
-    out = check_output_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_step_outputs(volumes: dict[str, io.Volume], out: str | os.PathLike, report: dict) -> dict[str, Path]:
     """Write the ``segment`` / ``detect`` steps' files (contract names of :data:`OUTPUT_FILES`) and
     ``report.json``, all or nothing."""
-    from SpineInpaintLib.report import write_report_json
+    from SpineInpaintLib.core.files import write_report_json
 
     out = Path(out)
     with atomic_folder(out) as tmp:
@@ -219,7 +183,6 @@ def restore(
     seed: int = 0,
     smoothing: float = 0.5,
     progress: bool = False,
-    truth: dict | None = None,
 ) -> RestoreResult:
     """Restore a spine CT: segment, detect (or take ``lesion_mask``), inpaint, reconstruct.
 
@@ -238,18 +201,16 @@ def restore(
         ``cpu``, ``cuda`` or ``auto``.
     seed
         Seed of every random choice (z restarts); recorded in the report.
-    truth
-        Optional healthy truth ``{'labels': Volume, 'ct': Volume, 'level': int}`` for the report's
-        metrics (Dice, HD95, volume error of the restored vertebra).
 
     Raises
     ------
     SpineInpaintError
         Input that is not a CT, a volume without spine, a lesion mask on another grid.
     """
-    from SpineInpaintLib import inpainting, segmentation, surface
-    from SpineInpaintLib.report import StageTimer
-    from SpineInpaintLib.training import resolve_device, seed_everything
+    from SpineInpaintLib import surface
+    from SpineInpaintLib.core.runtime import StageTimer, resolve_device, seed_everything
+    from SpineInpaintLib.inpainting.restore import restore_ct, restore_mask
+    from SpineInpaintLib.segmentation import networks as segmentation
 
     if not isinstance(ct, io.Volume):
         raise SpineInpaintError(f"restore needs an io.Volume, got {type(ct).__name__}")
@@ -287,9 +248,9 @@ def restore(
         with timer.stage("inpaint"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
-                binary = inpainting.restore_mask(labels, mask, method=method, seed=seed)
+                binary = restore_mask(labels, mask, method=method, seed=seed)
                 grey_method = grey_method_for(method)
-                grey = inpainting.restore_ct(ct, labels, mask, method=grey_method, seed=seed)
+                grey = restore_ct(ct, labels, mask, method=grey_method, seed=seed)
             report["warnings"] = [str(w.message) for w in caught]
         if binary.noop is None:
             restored_labels = binary.restored_labels
@@ -315,8 +276,6 @@ def restore(
         {"level": VERTEBRA_NAMES[v], "id": v, "volume_ml": round(float((restored_labels.array == v).sum()) * voxel_ml, 3)}
         for v in restored_levels
     ]
-    if truth is not None:
-        report["truth_metrics"] = _truth_metrics(restored_labels, restored_ct, mask, truth)
     report["timings"] = timer.to_dict()
     return RestoreResult(ct, restored_ct, labels, mask, restored_labels, surfaces, report)
 
@@ -337,7 +296,7 @@ def drop_small_components(labels: io.Volume, min_ml: float = MIN_PRINTABLE_ML) -
     """
     from scipy import ndimage
 
-    spine = (labels.array >= 25) & (labels.array <= 50)
+    spine = vertebra_mask(labels.array)
     components, n = ndimage.label(spine, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return labels, 0
@@ -351,37 +310,14 @@ def drop_small_components(labels: io.Volume, min_ml: float = MIN_PRINTABLE_ML) -
     return labels.with_array(array), int((sizes < min_ml).sum())
 
 
-def _truth_metrics(restored_labels: io.Volume, restored_ct: io.Volume, mask: io.Volume, truth: dict) -> dict:
-    """Dice, HD95, volume error of the restored vertebra, and HU errors inside the lesion, against the truth."""
-    from SpineInpaintLib import metrics
-
-    level = int(truth["level"])
-    spacing = restored_labels.spacing_zyx
-    pred = restored_labels.array == level
-    gold = truth["labels"].array == level
-    volume = metrics.volume_error(pred, gold, spacing)
-    out = {
-        "level": VERTEBRA_NAMES[level],
-        "dice": float(metrics.dice(pred, gold)),
-        "hd95_mm": float(metrics.hd95(pred, gold, spacing)),
-        "volume_ml": volume.pred_ml,
-        "truth_volume_ml": volume.truth_ml,
-        "volume_error_relative": volume.relative,
-    }
-    if "ct" in truth and mask.array.any():
-        inside = mask.array > 0
-        diff = restored_ct.array[inside].astype(np.float64) - truth["ct"].array[inside].astype(np.float64)
-        out["hu_mae_in_lesion"] = float(np.abs(diff).mean())
-    return out
-
-
 def write_outputs(result: RestoreResult, out: str | os.PathLike, *, figure: bool = True) -> dict[str, Path]:
     """Write the contract files into ``out`` (all or nothing; never over the input).
 
     ``out`` must not exist or be empty. Returns the written paths by key of :data:`OUTPUT_FILES`.
     """
     from SpineInpaintLib import surface
-    from SpineInpaintLib.report import report_figure, write_report_json
+    from SpineInpaintLib.core.files import write_report_json
+    from SpineInpaintLib.report import report_figure
 
     out = Path(out)
     with atomic_folder(out) as tmp:
@@ -404,50 +340,3 @@ def write_outputs(result: RestoreResult, out: str | os.PathLike, *, figure: bool
         result.report["outputs"] = sorted(p.name for p in tmp.iterdir()) + [OUTPUT_FILES["report_json"]]
         write_report_json(tmp / OUTPUT_FILES["report_json"], result.report)
     return {key: out / name for key, name in OUTPUT_FILES.items() if (out / name).exists()}
-
-
-def evaluate_restore(case: str = "totalsegmentator", level: str = "L3", seeds=(1, 2, 3),
-                     methods=(DEFAULT_METHOD, "biharmonic")) -> list[dict]:
-    """Restore a real scan with simulated destructive lytic lesions; score against the healthy label.
-
-    The lesion mask is given (this judges segmentation + inpainting + reconstruction, not
-    detection). Issue 7's bar on ``totalsegmentator`` L3: Dice >= 0.90, HD95 <= 6 mm, volume
-    within 5 %. The scan's labels are TotalSegmentator predictions, used as the healthy truth.
-    """
-    from SpineInpaintLib import lesions
-
-    ct, labels = io.load_real_case(case)
-    rows = []
-    for seed in seeds:
-        sim = lesions.simulate_lesion(ct, labels, level, "lytic", True, size=0.7, seed=int(seed))
-        truth = {"labels": labels, "ct": ct, "level": sim.level}
-        for method in methods:
-            start = time.perf_counter()
-            result = restore(sim.ct, sim.mask, method=method, seed=int(seed), truth=truth)
-            m = result.report["truth_metrics"]
-            rows.append({"case": case, "level": m["level"], "seed": int(seed), "method": method,
-                         "lesion_ml": result.report["lesion_ml"], "dice": m["dice"], "hd95_mm": m["hd95_mm"],
-                         "volume_error_pct": 100.0 * m["volume_error_relative"],
-                         "hu_mae_in_lesion": m.get("hu_mae_in_lesion"), "seconds": time.perf_counter() - start})
-    return rows
-
-
-def run_evaluate(args) -> int:
-    """``python -m SpineInpaintLib evaluate restore``: prints a table (and writes JSON with ``--json``)."""
-    import json
-
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    rows = evaluate_restore(args.case, args.level, seeds, methods)
-    print(f"{'method':<12} {'seed':>4} {'lesion mL':>9} {'Dice':>6} {'HD95 mm':>8} {'vol err %':>9} {'HU MAE':>7} {'s':>6}")
-    for r in rows:
-        print(f"{r['method']:<12} {r['seed']:>4} {r['lesion_ml']:9.1f} {r['dice']:6.3f} {r['hd95_mm']:8.2f} "
-              f"{r['volume_error_pct']:+9.1f} {r['hu_mae_in_lesion'] or float('nan'):7.0f} {r['seconds']:6.1f}")
-    for method in methods:
-        sel = [r for r in rows if r["method"] == method]
-        print(f"{method:<12} mean: Dice {np.mean([r['dice'] for r in sel]):.3f}, HD95 "
-              f"{np.mean([r['hd95_mm'] for r in sel]):.2f} mm, |volume error| "
-              f"{np.mean([abs(r['volume_error_pct']) for r in sel]):.1f} % (bar: Dice >= 0.90, HD95 <= 6 mm, 5 %)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=2))
-    return 0

@@ -28,29 +28,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from SpineInpaintLib import SpineInpaintError
-from SpineInpaintLib import io
-from SpineInpaintLib import labels as _labels
-from SpineInpaintLib.io import Volume
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core import labels as _labels
+from SpineInpaintLib.core.io import Volume
 
 __all__ = [
-    "SPINE_NAME",
-    "DEFAULT_SMOOTHING",
-    "DEFAULT_DECIMATION",
-    "mask_to_polydata",
-    "spine_surfaces",
-    "mesh_checks",
-    "is_watertight",
-    "transform_polydata",
-    "polydata_arrays",
-    "write_stl",
-    "read_stl",
-    "stl_header",
+    "SPINE_NAME", "DEFAULT_SMOOTHING", "DEFAULT_DECIMATION", "transform_polydata", "polydata_arrays",
+    "mask_to_polydata", "spine_surfaces", "mesh_checks", "is_watertight", "stl_header", "write_stl", "read_stl",
     "surface_report",
 ]
 
@@ -58,10 +48,13 @@ logger = logging.getLogger(__name__)
 
 #: Key of the whole-spine surface in :func:`spine_surfaces` (the name of the model in Slicer).
 SPINE_NAME = "Spine"
+
 #: Slicer's default smoothing factor of the closed-surface conversion (0 none ... 1 strong).
 DEFAULT_SMOOTHING = 0.5
+
 #: Slicer's default decimation factor (fraction of triangles removed).
 DEFAULT_DECIMATION = 0.0
+
 #: LPS <-> RAS: flip the first two axes.
 _FLIP_XY = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -311,7 +304,10 @@ def _orient_outwards(polydata, compute_normals: bool):
 def _drop_small_components(polydata, min_volume_mm3: float):
     """``polydata`` without the closed components that enclose less than ``min_volume_mm3``."""
     from vtkmodules.util import numpy_support
-    from vtkmodules.vtkFiltersCore import vtkCleanPolyData, vtkPolyDataConnectivityFilter
+    from vtkmodules.vtkFiltersCore import (
+        vtkCleanPolyData,
+        vtkPolyDataConnectivityFilter,
+    )
 
     regions = vtkPolyDataConnectivityFilter()
     regions.SetInputData(polydata)
@@ -573,7 +569,7 @@ def write_stl(
     else:
         writer.SetFileTypeToASCII()
 
-    from SpineInpaintLib.report import atomic_write
+    from SpineInpaintLib.core.files import atomic_write
 
     def write(temporary: str) -> None:
         writer.SetFileName(temporary)

@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SpineInpaintLib import io
+from SpineInpaintLib.core import io
+from SpineInpaintLib.data.real import load_real_case, real_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
-    path = io.real_data_dir()
+    path = real_data_dir()
     assert path.is_dir(), f"the shared real data is missing at {path} (CI lays ../shared beside the clone)"
     return path
 
@@ -22,7 +23,7 @@ def real_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_case():
     """The TotalSegmentator example CT (3 mm iso) and its vertebra labels, read once per session."""
-    return io.load_real_case("totalsegmentator")
+    return load_real_case("totalsegmentator")
 
 
 @pytest.fixture

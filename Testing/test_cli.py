@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from SpineInpaintLib import __version__, cli, io
+from SpineInpaintLib import __version__, cli
 from Testing.conftest import REPO
 
 

@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from SpineInpaintLib import SpineInpaintError, cli, datasets, deeplesion, io
+from SpineInpaintLib import SpineInpaintError, cli
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core.labels import spine_mask
+from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.data import deeplesion
+from SpineInpaintLib.data.real import load_real_case
+from SpineInpaintLib.inpainting.crops import crop_slice
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +41,7 @@ def test_split_is_stable_and_by_case():
 
 def test_case_keeps_the_healthy_truth(real_lesion_case):
     case = real_lesion_case
-    healthy, _ = io.load_real_case("totalsegmentator")
+    healthy, _ = load_real_case("totalsegmentator")
     np.testing.assert_array_equal(case.healthy_ct.array, healthy.array)
     changed = case.ct.array != case.healthy_ct.array
     assert changed.any() and not (changed & (case.lesion_mask == 0)).any()
@@ -55,7 +61,7 @@ def test_oriented_case_is_lps_and_keeps_physical_positions(real_lesion_case):
 def test_axial_slices_hold_spine_masks_levels_and_tight_boxes(real_lesion_case):
     samples = datasets.axial_slices(real_lesion_case)
     lps = real_lesion_case.oriented("LPS")
-    spine_slices = np.nonzero(datasets.spine_mask(lps.labels.array).reshape(lps.ct.shape[0], -1).any(axis=1))[0]
+    spine_slices = np.nonzero(spine_mask(lps.labels.array).reshape(lps.ct.shape[0], -1).any(axis=1))[0]
     assert [s.z for s in samples] == spine_slices.tolist()
     with_box = [s for s in samples if len(s.boxes)]
     assert with_box, "the lesion must show on some slices"
@@ -89,7 +95,7 @@ def test_vertebra_crops_are_64x64_in_unit_range(real_lesion_case, small_phantom_
 def test_crop_scaling_is_physical():
     image = np.zeros((100, 100), np.float32)
     image[40:60, 30:70] = 1.0  # 20 x 40 pixels at 2 mm = 40 x 80 mm
-    crop = datasets.crop_slice(image, (49.5, 49.5), (2.0, 2.0), size=64, fov_mm=128.0) > 0.5
+    crop = crop_slice(image, (49.5, 49.5), (2.0, 2.0), size=64, fov_mm=128.0) > 0.5
     rows, cols = np.nonzero(crop)
     assert rows.max() - rows.min() + 1 == 20 and cols.max() - cols.min() + 1 == 40  # 2 mm per crop pixel
 
@@ -148,7 +154,7 @@ def test_make_cases_rejects_a_negative_count():
 
 
 def test_varied_phantoms_widen_bone_density_blur_and_field_of_view():
-    from SpineInpaintLib import phantom
+    from SpineInpaintLib.data.phantom import config as phantom
 
     draws = [datasets.varied_overrides(seed) for seed in range(2000, 2060)]
     assert datasets.varied_overrides(2000) == draws[0]  # seeded

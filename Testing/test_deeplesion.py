@@ -13,8 +13,17 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from SpineInpaintLib import SpineInpaintError, deeplesion as dl
-from SpineInpaintLib.io import Volume
+from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core.io import Volume
+from SpineInpaintLib.data import deeplesion as dl
+from SpineInpaintLib.data.deeplesion_export import (
+    group_by_image,
+    make_record,
+    recist_from_box,
+    recist_from_mask,
+    select,
+    write_series,
+)
 
 HEADER = ",".join(dl.COLUMNS)
 # Three lesions: two on one image of series 000001_01_01 (a bone one and a liver one), one in series
@@ -278,20 +287,20 @@ def test_negative_neighbours_are_refused(dataset):
 # --- selecting ------------------------------------------------------------------------------------
 def test_select_by_type_and_split(dataset):
     records = dl.read_info(dataset / "DL_info.csv")
-    assert [r.coarse_lesion_type for r in dl.select(records)] == [dl.BONE]
-    assert dl.select(records, None, "train") == [records[2]]
-    assert dl.select(records, 4, 3) == [records[1]]
-    assert dl.select(records, [1, 4], "test") == records[:2]
-    assert dl.select(records, dl.BONE, "val") == []
-    assert len(dl.select(records, None, None)) == 3
+    assert [r.coarse_lesion_type for r in select(records)] == [dl.BONE]
+    assert select(records, None, "train") == [records[2]]
+    assert select(records, 4, 3) == [records[1]]
+    assert select(records, [1, 4], "test") == records[:2]
+    assert select(records, dl.BONE, "val") == []
+    assert len(select(records, None, None)) == 3
     with pytest.raises(SpineInpaintError, match="unknown split 'validation'"):
-        dl.select(records, split="validation")
+        select(records, split="validation")
     with pytest.raises(SpineInpaintError, match=r"unknown coarse lesion type\(s\) \[12\]"):
-        dl.select(records, 12)
+        select(records, 12)
 
 
 def test_group_by_image_collects_the_lesions_of_one_key_slice(dataset):
-    groups = dl.group_by_image(dl.read_info(dataset / "DL_info.csv"))
+    groups = group_by_image(dl.read_info(dataset / "DL_info.csv"))
     assert list(groups) == ["000001_01_01_003.png", "000002_01_02_011.png"]
     assert [r.coarse_lesion_type for r in groups["000001_01_01_003.png"]] == [1, 4]
 
@@ -300,7 +309,7 @@ def test_group_by_image_collects_the_lesions_of_one_key_slice(dataset):
 def test_recist_of_a_rectangle_mask():
     mask = np.zeros((48, 64), bool)
     mask[20:24, 10:20] = True  # 4 rows x 10 columns: pixel squares span x 9.5..19.5, y 19.5..23.5
-    coords, long, short = dl.recist_from_mask(mask)
+    coords, long, short = recist_from_mask(mask)
     assert long == pytest.approx(np.hypot(10, 4))  # the diagonal
     ends = {coords[0:2], coords[2:4]}
     assert ends in ({(9.5, 19.5), (19.5, 23.5)}, {(9.5, 23.5), (19.5, 19.5)})
@@ -317,7 +326,7 @@ def test_recist_long_axis_is_the_largest_corner_distance_of_a_blob():
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[:40, :40]
     mask = ((yy - 20) ** 2 / 81 + (xx - 18) ** 2 / 196 <= 1) & (rng.random((40, 40)) > 0.1)
-    coords, long, short = dl.recist_from_mask(mask)
+    coords, long, short = recist_from_mask(mask)
     # Brute force over every corner of every pixel, independent of the convex hull.
     rows, cols = np.nonzero(mask)
     offsets = [(dx, dy) for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)]
@@ -329,14 +338,14 @@ def test_recist_long_axis_is_the_largest_corner_distance_of_a_blob():
 
 
 def test_recist_from_box_uses_the_inscribed_ellipse():
-    coords, long, short = dl.recist_from_box((10, 20, 30, 26))
+    coords, long, short = recist_from_box((10, 20, 30, 26))
     assert coords == (10, 23, 30, 23, 20, 20, 20, 26) and (long, short) == (20, 6)
-    coords, long, short = dl.recist_from_box((0, 0, 4, 10))
+    coords, long, short = recist_from_box((0, 0, 4, 10))
     assert coords == (2, 0, 2, 10, 0, 5, 4, 5) and (long, short) == (10, 4)
     with pytest.raises(SpineInpaintError, match="x1 < x2"):
-        dl.recist_from_box((5, 0, 5, 3))
+        recist_from_box((5, 0, 5, 3))
     with pytest.raises(SpineInpaintError, match="lesion mask is empty"):
-        dl.recist_from_mask(np.zeros((4, 4)))
+        recist_from_mask(np.zeros((4, 4)))
 
 
 def test_written_series_and_records_read_back_end_to_end(tmp_path):
@@ -346,14 +355,14 @@ def test_written_series_and_records_read_back_end_to_end(tmp_path):
     lps = Volume(array[::-1], spacing=(0.75, 0.75, 2.5), origin=(-30.0, 12.0, 100.0))
     volume = dl.to_deeplesion_orientation(lps)
     np.testing.assert_array_equal(volume.array, array)
-    folder = dl.write_series(tmp_path, volume, patient=7, study=2, series=3, first_slice=21)
+    folder = write_series(tmp_path, volume, patient=7, study=2, series=3, first_slice=21)
     assert folder == tmp_path / "Images_png" / "000007_02_03"
     assert sorted(p.name for p in folder.iterdir()) == [f"{n:03d}.png" for n in range(21, 27)]
     mask = np.zeros((48, 64), bool)
     mask[1:4, 50:62] = True  # near the top edge: the padded box is clipped at y = 0
-    bone = dl.make_record(volume, 7, 2, 3, key_slice=23, mask=mask, first_slice=21, split=2,
+    bone = make_record(volume, 7, 2, 3, key_slice=23, mask=mask, first_slice=21, split=2,
                           age=58, gender="F")
-    liver = dl.make_record(volume, 7, 2, 3, key_slice=24, box=(10, 20, 30, 26), first_slice=21,
+    liver = make_record(volume, 7, 2, 3, key_slice=24, box=(10, 20, 30, 26), first_slice=21,
                            slice_range=(22, 26), lesion_type=4, window=(-160, 240))
     assert bone.file_name == "000007_02_03_023.png" and bone.key_slice_index == 23
     assert bone.image_size == (64, 48) and bone.slice_range == (21, 26)
@@ -393,21 +402,21 @@ def test_deeplesion_orientation_flips_axes_and_keeps_physical_positions():
 def test_writer_refuses_bad_requests(tmp_path):
     match = r"orientation \(LPI.*got LPS; use deeplesion.to_deeplesion_orientation"
     with pytest.raises(SpineInpaintError, match=match):
-        dl.write_series(tmp_path, Volume(np.zeros((3, 8, 8))), 1, 1, 1)
+        write_series(tmp_path, Volume(np.zeros((3, 8, 8))), 1, 1, 1)
     with pytest.raises(SpineInpaintError, match="make_record needs a volume in DeepLesion's orientation"):
-        dl.make_record(Volume(np.zeros((3, 8, 8))), 1, 1, 1, key_slice=2, box=(1, 1, 3, 3))
+        make_record(Volume(np.zeros((3, 8, 8))), 1, 1, 1, key_slice=2, box=(1, 1, 3, 3))
     volume = Volume(np.zeros((3, 8, 8)), direction=dl.DEEPLESION_DIRECTION)
     with pytest.raises(SpineInpaintError, match="3D"):
-        dl.write_series(tmp_path, np.zeros((8, 8)), 1, 1, 1)
+        write_series(tmp_path, np.zeros((8, 8)), 1, 1, 1)
     with pytest.raises(SpineInpaintError, match="start at 1"):
-        dl.write_series(tmp_path, volume, 1, 1, 1, first_slice=0)
+        write_series(tmp_path, volume, 1, 1, 1, first_slice=0)
     with pytest.raises(SpineInpaintError, match="outside the series' slices 1-3"):
-        dl.make_record(volume, 1, 1, 1, key_slice=4, box=(1, 1, 3, 3))
+        make_record(volume, 1, 1, 1, key_slice=4, box=(1, 1, 3, 3))
     with pytest.raises(SpineInpaintError, match="exactly one of a lesion box or a 2D lesion mask"):
-        dl.make_record(volume, 1, 1, 1, key_slice=2)
+        make_record(volume, 1, 1, 1, key_slice=2)
     with pytest.raises(SpineInpaintError, match=r"mask shape \(4, 4\) does not match the slice \(8, 8\)"):
-        dl.make_record(volume, 1, 1, 1, key_slice=2, mask=np.ones((4, 4)))
+        make_record(volume, 1, 1, 1, key_slice=2, mask=np.ones((4, 4)))
     with pytest.raises(SpineInpaintError, match="unknown coarse lesion type 9"):
-        dl.make_record(volume, 1, 1, 1, key_slice=2, box=(1, 1, 3, 3), lesion_type=9)
+        make_record(volume, 1, 1, 1, key_slice=2, box=(1, 1, 3, 3), lesion_type=9)
     with pytest.raises(SpineInpaintError, match="slice range 2-3 must hold the key slice 1"):
-        dl.make_record(volume, 1, 1, 1, key_slice=1, box=(1, 1, 3, 3), slice_range=(2, 3))
+        make_record(volume, 1, 1, 1, key_slice=1, box=(1, 1, 3, 3), slice_range=(2, 3))

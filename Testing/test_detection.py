@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from SpineInpaintLib import SpineInpaintError, cli, datasets, io, training
-from SpineInpaintLib import det_train as dt
+from SpineInpaintLib import SpineInpaintError, cli
 from SpineInpaintLib import detection as det
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core.labels import spine_mask
+from SpineInpaintLib.core.runtime import seed_everything
+from SpineInpaintLib.core.weights import save_weights, sha256_of
+from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.evaluation.detection import evaluate_detection, truth_box_3d, tune_volume_level
+from SpineInpaintLib.training import detection as dt
 
 
 # --- crop geometry ----------------------------------------------------------------------------------
@@ -111,16 +117,16 @@ def test_boxes_hold_the_bone_part_of_a_destructive_lesion_only():
         # The cached instance mask is the bone part of that slice, resampled to the crop grid.
         area_mm2 = bone[m["z"]].sum() * ct.spacing_zyx[1] * ct.spacing_zyx[2]
         assert abs(mask.sum() * det.GRID_MM ** 2 - area_mm2) <= 0.25 * area_mm2 + 20
-    assert dt.truth_box_3d(case)[0, 2] == np.nonzero(bone.any(axis=(1, 2)))[0].min()
+    assert truth_box_3d(case)[0, 2] == np.nonzero(bone.any(axis=(1, 2)))[0].min()
 
 
 def test_retinanet_presets_build_and_load_from_their_metadata(tmp_path):
-    training.seed_everything(2)
+    seed_everything(2)
     small = det.Detector("retinanet", config=det.RETINANET_PRESETS["small"])
     base = det.Detector("retinanet")
     n_small = sum(p.numel() for p in small.parameters())
     assert n_small < sum(p.numel() for p in base.parameters())
-    path = training.save_weights(small.model, tmp_path / "r.safetensors",
+    path = save_weights(small.model, tmp_path / "r.safetensors",
                                  {"arch": "retinanet", "architecture": det.RETINANET_PRESETS["small"]})
     loaded = det.load_detector(path)  # rebuilt from the recorded architecture, not the default
     assert sum(p.numel() for p in loaded.parameters()) == n_small
@@ -158,7 +164,7 @@ def test_faster_rcnn_is_configured_as_the_paper():
 
 @pytest.mark.parametrize("arch", ["retinanet", pytest.param("faster_rcnn", marks=pytest.mark.slow)])
 def test_a_few_training_steps_change_the_weights_and_predict_valid_boxes(arch, tiny_samples):
-    training.seed_everything(0)
+    seed_everything(0)
     detector = det.Detector(arch)
     before = [p.detach().clone() for p in detector.model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(detector.parameters(), lr=1e-3)
@@ -180,11 +186,11 @@ def test_a_few_training_steps_change_the_weights_and_predict_valid_boxes(arch, t
 
 
 def test_weights_round_trip_through_safetensors(tmp_path, tiny_samples):
-    training.seed_everything(1)
+    seed_everything(1)
     detector = det.Detector("retinanet")
-    path = training.save_weights(detector.model, tmp_path / "retinanet.safetensors", {"arch": "retinanet"})
+    path = save_weights(detector.model, tmp_path / "retinanet.safetensors", {"arch": "retinanet"})
     loaded = det.load_detector(path)
-    assert loaded.arch == "retinanet" and loaded.metadata["sha256"] == training.sha256_of(path)
+    assert loaded.arch == "retinanet" and loaded.metadata["sha256"] == sha256_of(path)
     images = tiny_samples.centre_crops()[:2]
     for (b1, s1), (b2, s2) in zip(detector.predict(images), loaded.predict(images)):
         np.testing.assert_allclose(s1, s2)
@@ -335,7 +341,7 @@ def test_detect_volume_takes_the_thresholds_tuned_for_the_weights():
 
 def test_tuning_the_volume_thresholds_drops_the_faint_false_lesion():
     cases = [_sclerotic_cube_case(True), _sclerotic_cube_case(False)]
-    tuning = dt.tune_volume_level(_BrightSpotDetector(), cases, score_thresholds=(0.3, 0.5, 0.9),
+    tuning = tune_volume_level(_BrightSpotDetector(), cases, score_thresholds=(0.3, 0.5, 0.9),
                                   slice_thresholds=(0.2, 0.5), min_slices=(2, 3))
     chosen = tuning["chosen"]
     assert chosen["sensitivity"] == 1.0 and chosen["fp_per_healthy_volume"] == 0.0
@@ -344,7 +350,7 @@ def test_tuning_the_volume_thresholds_drops_the_faint_false_lesion():
     assert low and all(g["fp_per_healthy_volume"] == 1.0 for g in low)
     assert len(tuning["grid"]) == 2 * 1 + 2 * 2 + 2 * 2  # slice threshold never above the score threshold
     with pytest.raises(SpineInpaintError, match="no validation volume"):
-        dt.tune_volume_level(_BrightSpotDetector(), [])
+        tune_volume_level(_BrightSpotDetector(), [])
 
 
 def test_spine_binary_takes_the_vertebrae_of_a_label_map():
@@ -501,7 +507,7 @@ def test_export_copies_the_chosen_epoch_s_weights(tmp_path, tiny_samples, capsys
     assert code == 0 and "exported the final weights" in capsys.readouterr().out
     exported = json.loads((shipped / "retinanet.json").read_text())
     assert exported == json.loads((run / "final.json").read_text()) and exported["metrics"]["epoch"] == 2
-    assert training.sha256_of(shipped / "retinanet.safetensors") == exported["sha256"]
+    assert sha256_of(shipped / "retinanet.safetensors") == exported["sha256"]
 
 
 def test_ema_weights_are_the_running_average_saved_and_resumed(tmp_path, tiny_samples):
@@ -576,7 +582,7 @@ def test_a_finer_input_grid_crops_the_same_lesion_in_millimetres(tiny_samples):
 
 def test_detector_weights_carry_their_input_grid_to_volume_detection(tmp_path):
     detector = det.Detector("retinanet", crop_size=160, grid_mm=0.75)
-    path = training.save_weights(detector.model, tmp_path / "fine.safetensors",
+    path = save_weights(detector.model, tmp_path / "fine.safetensors",
                                  {"arch": "retinanet", "architecture": det.RETINANET_CONFIG,
                                   "input": {"size": [160, 160], "pixel_mm": 0.75}})
     loaded = det.load_detector(path)
@@ -612,7 +618,7 @@ def test_evaluation_feeds_each_detector_the_same_slices_on_its_own_grid():
     coarse, fine = Recorder(), Recorder()
     coarse.shapes, fine.shapes = set(), set()
     fine.crop_size, fine.grid_mm = 160, 0.75
-    result = dt.evaluate_detection({"coarse": coarse, "fine": fine}, cases=[case], volume_level=False,
+    result = evaluate_detection({"coarse": coarse, "fine": fine}, cases=[case], volume_level=False,
                                    progress=False)
     assert coarse.shapes == {(3, 128, 128)} and fine.shapes == {(3, 160, 160)}
     rows = result["detectors"]
@@ -642,7 +648,7 @@ def test_shipped_retinanet_weights_are_small_and_documented():
         pytest.skip("no shipped detector weights (training did not reach a useful model)")
     meta = json.loads(det.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
     assert det.DEFAULT_WEIGHTS.stat().st_size < 40e6
-    assert meta["arch"] == "retinanet" and meta["sha256"] == training.sha256_of(det.DEFAULT_WEIGHTS)
+    assert meta["arch"] == "retinanet" and meta["sha256"] == sha256_of(det.DEFAULT_WEIGHTS)
     assert meta["input"]["window_hu"] == list(det.WINDOW) and not math.isnan(meta["metrics"]["val_ap50"])
     det.load_detector()
 
@@ -659,7 +665,7 @@ def test_deeplesion_folder_gives_the_key_slice_with_its_padded_box(tmp_path):
     ct = io.reorient(case.ct, "LPS")
     tumour = io.reorient(case.lesion.lesion_mask, "LPS").array
     z = int(np.argmax(tumour.reshape(tumour.shape[0], -1).sum(axis=1)))
-    spine = datasets.spine_mask(io.reorient(case.labels, "LPS").array[z])
+    spine = spine_mask(io.reorient(case.labels, "LPS").array[z])
     centre = det.spine_centre(spine)
     a = (dt.CACHE_SIZE - det.CROP_SIZE) // 2
     mask = det.crop_slices(tumour[z][None].astype(np.float32), centre, ct.spacing_zyx[1:], size=dt.CACHE_SIZE,

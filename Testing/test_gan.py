@@ -6,15 +6,28 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from SpineInpaintLib import SpineInpaintError, cli, gan, training
+from SpineInpaintLib import SpineInpaintError, cli
+from SpineInpaintLib.core.weights import sha256_of
+from SpineInpaintLib.evaluation.inpainting import kmmd
+from SpineInpaintLib.inpainting import networks as gan
+from SpineInpaintLib.training.context import ContextTrainConfig, train_context
+from SpineInpaintLib.training.gan import (
+    _TABLE_II,
+    GANTrainConfig,
+    _pggan_schedule,
+    gradient_penalty,
+    load_crop_dataset,
+    train_gan,
+)
 
-REPO = gan.RESOURCES.parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _disc_crops(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -91,7 +104,7 @@ def test_pggan_grows_from_4_to_64_pixels_with_3x3_convolutions():
 
 def test_pggan_schedule_fades_each_new_stage_in_then_holds_it():
     total = 900
-    stages = [gan._pggan_schedule(s, total) for s in range(total)]
+    stages = [_pggan_schedule(s, total) for s in range(total)]
     assert stages[0] == (0, 1.0) and stages[-1][0] == 4
     assert [s for s, _ in stages] == sorted(s for s, _ in stages)
     start4 = next(i for i, (s, _) in enumerate(stages) if s == 4)
@@ -120,7 +133,7 @@ def test_gradient_penalty_of_a_linear_critic_is_the_squared_norm_gap():
     def critic(x):
         return (x * w).flatten(1).sum(1)
 
-    gp = gan.gradient_penalty(critic, torch.rand(5, 1, 4, 4), torch.rand(5, 1, 4, 4))
+    gp = gradient_penalty(critic, torch.rand(5, 1, 4, 4), torch.rand(5, 1, 4, 4))
     assert float(gp.detach()) == pytest.approx(1.0, rel=1e-6)
 
 
@@ -133,17 +146,17 @@ def test_gradient_penalty_takes_the_norm_per_sample_over_all_pixels():
     def critic(t):
         return 0.5 * (t ** 2).flatten(1).sum(1)
 
-    gp = gan.gradient_penalty(critic, x, x.clone())
+    gp = gradient_penalty(critic, x, x.clone())
     expected = ((3.0 - 1.0) ** 2 + (0.5 - 1.0) ** 2) / 2  # not the norm over the whole batch
     assert float(gp.detach()) == pytest.approx(expected, rel=1e-6)
 
 
 def test_paper_settings_of_each_gan():
-    w = gan.GANTrainConfig(model="wgan-gp").resolved()
+    w = GANTrainConfig(model="wgan-gp").resolved()
     assert (w.n_critic, w.lr, w.betas, w.gp_lambda) == (5, 1e-4, (0.0, 0.9), 10.0)
-    d = gan.GANTrainConfig(model="dcgan").resolved()
+    d = GANTrainConfig(model="dcgan").resolved()
     assert (d.n_critic, d.lr, d.betas) == (1, 2e-4, (0.5, 0.999))
-    p = gan.GANTrainConfig(model="pggan").resolved()
+    p = GANTrainConfig(model="pggan").resolved()
     assert (p.n_critic, p.lr, p.betas) == (1, 1e-3, (0.0, 0.99))
 
 
@@ -151,26 +164,26 @@ def test_paper_settings_of_each_gan():
 def test_kmmd_is_zero_for_the_same_set_and_positive_for_different_sets():
     rng = np.random.default_rng(1)
     a = _disc_crops(rng, 20)
-    same = gan.kmmd(a, a.copy())
+    same = kmmd(a, a.copy())
     assert same["kmmd2_biased"] == pytest.approx(0.0, abs=1e-12)
-    other = gan.kmmd(a, np.zeros_like(a) + rng.random(a.shape).astype(np.float32))
+    other = kmmd(a, np.zeros_like(a) + rng.random(a.shape).astype(np.float32))
     assert other["kmmd2_unbiased"] > 0.1 and other["n_x"] == 20
 
 
 # --- training, resume, weights ------------------------------------------------------------------------
 def test_train_wgan_gp_writes_outputs_and_resumes(crop_cache, tmp_path):
     out = tmp_path / "run"
-    cfg = gan.GANTrainConfig(model="wgan-gp", data=str(crop_cache), out=str(out), epochs=2, iters_per_epoch=2,
+    cfg = GANTrainConfig(model="wgan-gp", data=str(crop_cache), out=str(out), epochs=2, iters_per_epoch=2,
                              batch_size=4, width=4, critic_width=4, n_critic=2, progress=False)
-    summary = gan.train_gan(cfg)
+    summary = train_gan(cfg)
     assert (out / "checkpoint.pt").exists() and (out / "samples" / "epoch_002.png").exists()
     assert (out / "curves.png").exists() and (out / "wgan-gp_samples.png").exists()
     meta = json.loads((out / "wgan-gp_generator.json").read_text())
-    assert meta["sha256"] == training.sha256_of(out / "wgan-gp_generator.safetensors")
+    assert meta["sha256"] == sha256_of(out / "wgan-gp_generator.safetensors")
     assert meta["architecture"]["table_ii"]["batch_norm"] is False and meta["seed"] == 0
     assert "kmmd2_unbiased" in summary["metrics"]["val_kmmd"]
     # resume: two more epochs continue from epoch 2
-    gan.train_gan(gan.GANTrainConfig(**{**cfg.__dict__, "epochs": 4, "resume": True}))
+    train_gan(GANTrainConfig(**{**cfg.__dict__, "epochs": 4, "resume": True}))
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
     g, d, meta = gan.load_gan("wgan-gp", "binary", out)
@@ -180,9 +193,9 @@ def test_train_wgan_gp_writes_outputs_and_resumes(crop_cache, tmp_path):
 def test_training_is_repeatable_with_a_seed(crop_cache, tmp_path):
     weights = []
     for k in range(2):
-        cfg = gan.GANTrainConfig(model="dcgan", data=str(crop_cache), out=str(tmp_path / f"r{k}"), epochs=1,
+        cfg = GANTrainConfig(model="dcgan", data=str(crop_cache), out=str(tmp_path / f"r{k}"), epochs=1,
                                  iters_per_epoch=2, batch_size=4, width=4, critic_width=4, seed=3, progress=False)
-        gan.train_gan(cfg)
+        train_gan(cfg)
         g, _, _ = gan.load_gan("dcgan", "binary", tmp_path / f"r{k}")
         weights.append(torch.cat([p.flatten() for p in g.parameters()]))
     assert torch.equal(weights[0], weights[1])
@@ -190,13 +203,13 @@ def test_training_is_repeatable_with_a_seed(crop_cache, tmp_path):
 
 @pytest.mark.slow
 def test_pggan_and_context_train_and_save(crop_cache, tmp_path):
-    gan.train_gan(gan.GANTrainConfig(model="pggan", data=str(crop_cache), out=str(tmp_path / "p"), epochs=1,
+    train_gan(GANTrainConfig(model="pggan", data=str(crop_cache), out=str(tmp_path / "p"), epochs=1,
                                      iters_per_epoch=5, batch_size=4, width=2, critic_width=2, progress=False))
     g, _, meta = gan.load_gan("pggan", "binary", tmp_path / "p")
     # 5 iterations of 5 finish stage 4's fade-in; the shipped generator keeps what growth reached
     assert meta["pggan_growth"]["resolution"] == 64 and (g.stage, g.alpha) == (4, meta["pggan_growth"]["alpha"])
     assert g(torch.randn(2, gan.LATENT_DIM)).shape == (2, 1, 64, 64)
-    summary = gan.train_context(gan.ContextTrainConfig(data=str(crop_cache), out=str(tmp_path / "c"), epochs=1,
+    summary = train_context(ContextTrainConfig(data=str(crop_cache), out=str(tmp_path / "c"), epochs=1,
                                                        iters_per_epoch=2, batch_size=4, width=4, critic_width=4,
                                                        progress=False))
     assert summary["architecture"]["in_channels"] == gan.CONTEXT_CHANNELS
@@ -206,7 +219,7 @@ def test_pggan_and_context_train_and_save(crop_cache, tmp_path):
 
 def test_missing_cache_or_weights_is_a_user_error(tmp_path):
     with pytest.raises(SpineInpaintError, match="no cached crops"):
-        gan.load_crop_dataset(tmp_path)
+        load_crop_dataset(tmp_path)
     with pytest.raises(SpineInpaintError, match="no binary dcgan weights"):
         gan.load_gan("dcgan", "binary", tmp_path)
 
@@ -226,7 +239,7 @@ def test_shipped_binary_gans_load_verify_and_sample(model):
     assert path.stat().st_size < 40e6 and gan.default_weights_path(model, "binary", "critic").stat().st_size < 40e6
     images = gan.sample(g, 8, seed=0)
     assert images.shape == (8, 64, 64) and images.min() >= 0 and images.max() <= 1
-    assert meta["kind"] == "binary" and meta["architecture"]["table_ii"] == gan._TABLE_II[model]
+    assert meta["kind"] == "binary" and meta["architecture"]["table_ii"] == _TABLE_II[model]
 
 
 @pytest.mark.slow

@@ -7,8 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from SpineInpaintLib import SpineInpaintError, gan, inpainting, io, metrics, training
-from SpineInpaintLib.datasets import CROP_FOV_MM
+from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core.weights import save_weights
+from SpineInpaintLib.evaluation.inpainting import score_binary
+from SpineInpaintLib.evaluation.metrics import overlap as metrics
+from SpineInpaintLib.inpainting import methods as inpainting
+from SpineInpaintLib.inpainting import networks as gan
+from SpineInpaintLib.inpainting.crops import CROP_FOV_MM
+from SpineInpaintLib.inpainting.restore import restore_ct, restore_mask
+from SpineInpaintLib.training.gan import GANTrainConfig, _gan_metadata
+from SpineInpaintLib.training.holes import case_training_arrays
 
 
 # --- fixtures: a synthetic spine on an oblique-free but flipped (RAS) grid ------------------------------
@@ -125,7 +134,7 @@ def test_restore_mask_keeps_the_grid_and_restores_an_intact_cortex_hole():
     hole[13:17, 51:59, 47:57] = 1  # inside L3's body
     truth = labels.array > 0
     for method in ("biharmonic", "nearest"):
-        result = inpainting.restore_mask(labels, labels.with_array(hole), method=method)
+        result = restore_mask(labels, labels.with_array(hole), method=method)
         assert result.restored.same_grid(labels) and result.levels == [29]
         assert np.array_equal(result.restored.array > 0, truth)  # bone inside, nothing moved outside
         assert np.array_equal(result.restored_labels.array, labels.array)
@@ -135,7 +144,7 @@ def test_context_paste_back_maps_crop_pixels_to_millimetres():
     ct, labels = _spine_volume()
     hole = np.zeros(labels.shape, np.uint8)
     hole[14, 47:63, 55:110] = 1  # from the body's centre to 55 mm towards the array's +x edge
-    result = inpainting.restore_mask(labels, labels.with_array(hole), method="context", models=_FakeCache())
+    result = restore_mask(labels, labels.with_array(hole), method="context", models=_FakeCache())
     filled = result.restored.array[14] > 0
     # the crop spans 96 mm (+-48 mm) around the vertebra's centre (1 mm grid): a generator
     # output of 1 reaches as far as the crop, the rest of the hole (beyond its field of view) becomes 0
@@ -154,7 +163,7 @@ def test_restore_ct_fills_only_the_hole_and_keeps_dtype_and_geometry():
     hole = np.zeros(labels.shape, np.uint8)
     hole[13:17, 51:59, 47:57] = 1
     lesioned = ct.with_array(np.where(hole > 0, 1500.0, ct.array).astype(np.float32))
-    result = inpainting.restore_ct(lesioned, labels, labels.with_array(hole), method="biharmonic")
+    result = restore_ct(lesioned, labels, labels.with_array(hole), method="biharmonic")
     assert result.restored.same_grid(ct) and result.restored.array.dtype == np.float32
     assert np.array_equal(result.restored.array[hole == 0], ct.array[hole == 0])
     inside = result.restored.array[hole > 0]
@@ -165,12 +174,12 @@ def test_empty_hole_and_hole_outside_the_spine_are_no_ops_with_a_warning():
     ct, labels = _spine_volume()
     empty = np.zeros(labels.shape, np.uint8)
     with pytest.warns(UserWarning, match="empty"):
-        result = inpainting.restore_mask(labels, empty, method="biharmonic")
+        result = restore_mask(labels, empty, method="biharmonic")
     assert result.noop == "the hole mask is empty" and np.array_equal(result.restored.array, labels.array > 0)
     far = np.zeros(labels.shape, np.uint8)
     far[14, 0:4, 0:4] = 1  # in the corner, 45 mm from any vertebra
     with pytest.warns(UserWarning, match="outside the spine"):
-        result = inpainting.restore_ct(ct, labels, far, method="context", models=_FakeCache())
+        result = restore_ct(ct, labels, far, method="context", models=_FakeCache())
     assert result.noop and np.array_equal(result.restored.array, ct.array)
 
 
@@ -179,7 +188,7 @@ def test_a_hole_covering_the_whole_crop_leaves_nothing_to_condition_on():
     hole = np.zeros(labels.shape, np.uint8)
     hole[14] = 1  # the whole slice (110 x 110 mm > the crop's 96 mm)
     with pytest.raises(SpineInpaintError, match="nothing left to condition on"):
-        inpainting.restore_mask(labels, hole, method="context", models=_FakeCache())
+        restore_mask(labels, hole, method="context", models=_FakeCache())
     stack = np.zeros((1, 3, 64, 64), np.float32)
     with pytest.raises(SpineInpaintError, match="nothing left to condition on"):
         inpainting.inpaint_crops(stack, np.ones_like(stack), method="wgan-gp", models=_FakeCache())
@@ -188,27 +197,27 @@ def test_a_hole_covering_the_whole_crop_leaves_nothing_to_condition_on():
 def test_bad_inputs_are_user_errors():
     ct, labels = _spine_volume()
     with pytest.raises(SpineInpaintError, match="unknown inpainting method"):
-        inpainting.restore_mask(labels, np.zeros(labels.shape), method="diffusion")
+        restore_mask(labels, np.zeros(labels.shape), method="diffusion")
     with pytest.raises(SpineInpaintError, match="has shape"):
-        inpainting.restore_mask(labels, np.zeros((3, 3, 3)))
+        restore_mask(labels, np.zeros((3, 3, 3)))
     with pytest.raises(SpineInpaintError, match="unknown blending"):
-        inpainting.restore_mask(labels, np.zeros(labels.shape), blend="alpha")
+        restore_mask(labels, np.zeros(labels.shape), blend="alpha")
     with pytest.raises(SpineInpaintError, match="same grid"):
         shifted = io.Volume(ct.array, spacing=(2.0, 1.0, 2.0))
-        inpainting.restore_ct(shifted, labels, np.zeros(labels.shape))
+        restore_ct(shifted, labels, np.zeros(labels.shape))
 
 
 def test_z_optimisation_runs_batched_with_a_real_gan(tmp_path):
     """All slices and restarts in one batch, with randomly initialised nets saved like the shipped ones."""
-    cfg = gan.GANTrainConfig(model="wgan-gp", width=4, critic_width=4).resolved()
+    cfg = GANTrainConfig(model="wgan-gp", width=4, critic_width=4).resolved()
     g, d = gan.build_gan("wgan-gp", 4, critic_width=4)
     for part, net in (("generator", g), ("critic", d)):
-        training.save_weights(net, tmp_path / gan.default_weights_path("wgan-gp", "binary", part).name,
-                              gan._gan_metadata(cfg, g, d, part, {}))
+        save_weights(net, tmp_path / gan.default_weights_path("wgan-gp", "binary", part).name,
+                              _gan_metadata(cfg, g, d, part, {}))
     ct, labels = _spine_volume()
     hole = np.zeros(labels.shape, np.uint8)
     hole[12:18, 37:59, 47:63] = 1  # breaks the outline of L3's body
-    result = inpainting.restore_mask(labels, hole, method="wgan-gp", models=inpainting.ModelCache(tmp_path),
+    result = restore_mask(labels, hole, method="wgan-gp", models=inpainting.ModelCache(tmp_path),
                                      steps=3, restarts=2, keep_crops=True)
     assert result.slices == 6 and result.crops["restored"].shape == (6, 64, 64)
     unchanged = hole == 0
@@ -220,19 +229,19 @@ def test_scores_on_hand_made_masks():
     truth[1:5, 5:15, 5:15] = True
     hole = np.zeros_like(truth)
     hole[2:4, 8:18, 8:18] = True
-    perfect = inpainting.score_binary(truth.copy(), truth, hole, (2.0, 1.0, 1.0))
+    perfect = score_binary(truth.copy(), truth, hole, (2.0, 1.0, 1.0))
     assert perfect["dice_in"] == 1.0 and perfect["hd95_in"] == 0.0 and perfect["dice_around"] == 1.0
     missing = truth & ~hole
-    worse = inpainting.score_binary(missing, truth, hole, (2.0, 1.0, 1.0))
+    worse = score_binary(missing, truth, hole, (2.0, 1.0, 1.0))
     assert worse["dice_in"] == 0.0 and worse["hd95_in"] == float("inf")
     assert worse["dice_around"] == pytest.approx(metrics.dice(missing & ~np.zeros_like(hole), truth), abs=0.2)
 
 
 def test_training_arrays_match_the_dataset_crops():
-    from SpineInpaintLib import datasets
+    from SpineInpaintLib.data import cases as datasets
 
     case = datasets.phantom_case(5, lesion_types=None, shape_xy=(160, 160), levels=("L2", "L3"), n_slices=40)
-    arrays = inpainting.case_training_arrays(case, lesions_per_level=0)
+    arrays = case_training_arrays(case, lesions_per_level=0)
     crops, meta = datasets.vertebra_crops(case, binary=True)
     assert np.array_equal(arrays["binary"].astype(np.float32), crops)
     assert [m["z"] for m in meta] == arrays["z"].tolist()

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineInpaintLib import SpineInpaintError, io
+from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core import io
+from SpineInpaintLib.data.real import load_real_case
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
@@ -85,11 +87,11 @@ def test_dicom_series_reads_as_a_volume(real_dir):
 
 
 def test_real_cases_load_with_labels_on_the_ct_grid():
-    ct, labels = io.load_real_case("totalsegmentator")
+    ct, labels = load_real_case("totalsegmentator")
     assert labels.same_grid(ct) and labels.array.dtype == np.uint8
     assert set(range(25, 34)) <= set(np.unique(labels.array).tolist())
     # The DICOM labels are stored with flipped rows: after physical resampling they sit on bone.
-    dct, dlabels = io.load_real_case("totalsegmentator_dicom")
+    dct, dlabels = load_real_case("totalsegmentator_dicom")
     assert dlabels.same_grid(dct)
     vertebra = np.isin(dlabels.array, [32, 33])
     assert vertebra.sum() > 1000
@@ -99,7 +101,7 @@ def test_real_cases_load_with_labels_on_the_ct_grid():
 
 def test_unknown_real_case_is_a_clear_error():
     with pytest.raises(SpineInpaintError, match="unknown real case 'nope'"):
-        io.load_real_case("nope")
+        load_real_case("nope")
 
 
 # --- bad input ---------------------------------------------------------------------------------

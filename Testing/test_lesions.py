@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SpineInpaintLib import SpineInpaintError, io
-from SpineInpaintLib.lesions import LESION_TYPES, estimate_noise_std, random_lesion, simulate_lesion
+from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core import io
+from SpineInpaintLib.data.lesions import LESION_TYPES, estimate_noise_std, random_lesion, simulate_lesion
+from SpineInpaintLib.data.real import load_real_case
 
 L3, T11, T12 = 29, 33, 32
 #: Labels a destructive mass may replace (unlabelled tissue and the paravertebral muscles).
@@ -19,7 +21,7 @@ MASS_LABELS = [0] + list(range(80, 90))
 @pytest.fixture(scope="module")
 def dicom_case():
     """The TotalSegmentator DICOM series: 0.98 x 0.98 x 2 mm, identity direction, T12 and T11."""
-    return io.load_real_case("totalsegmentator_dicom")
+    return load_real_case("totalsegmentator_dicom")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,18 @@ import torch
 from scipy import ndimage
 
 from SpineInpaintLib import SpineInpaintError
-from SpineInpaintLib import metrics as M
+from SpineInpaintLib.evaluation.metrics import overlap as M
+from SpineInpaintLib.evaluation.metrics.boxes import FROC_FPS_PER_IMAGE, average_precision, box_iou, coco_ap, froc
+from SpineInpaintLib.evaluation.metrics.image import (
+    brats_intensity_range,
+    brats_normalise,
+    inpainting_quality,
+    masked_mae,
+    masked_mse,
+    masked_psnr,
+    masked_ssim,
+)
+from SpineInpaintLib.evaluation.metrics.mmd import median_bandwidth, mmd2_biased, mmd2_unbiased, mmd_permutation_test
 
 # MONAI (the reference implementation here) warns about its own deprecated internal argument.
 pytestmark = pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")
@@ -82,8 +93,8 @@ def test_non_binary_mask_is_rejected_with_hint():
         lambda a, b: M.dice_per_label(a, b),
         lambda a, b: M.hd95(a, b, 1.0),
         lambda a, b: M.assd(a, b, 1.0),
-        lambda a, b: M.masked_mae(a, b, a),
-        lambda a, b: M.masked_psnr(a, b, a),
+        lambda a, b: masked_mae(a, b, a),
+        lambda a, b: masked_psnr(a, b, a),
     ],
 )
 def test_shape_mismatch_raises_one_line_error(call):
@@ -231,21 +242,21 @@ def test_box_iou_by_hand():
     a = np.array([[0, 0, 10, 10], [0, 0, 2, 2]], float)
     b = np.array([[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 10]], float)
     expected = np.array([[50 / 150, 0.0, 1.0], [0.0, 0.0, 4 / 100]])
-    np.testing.assert_allclose(M.box_iou(a, b), expected)
+    np.testing.assert_allclose(box_iou(a, b), expected)
     # 3D boxes: two unit cubes overlapping by half along x.
-    cubes = M.box_iou(np.array([[0, 0, 0, 2, 2, 2]]), np.array([[1, 0, 0, 3, 2, 2]]))
+    cubes = box_iou(np.array([[0, 0, 0, 2, 2, 2]]), np.array([[1, 0, 0, 3, 2, 2]]))
     assert cubes[0, 0] == pytest.approx(4 / 12)
 
 
 def test_box_validation():
     with pytest.raises(SpineInpaintError, match=r"shape \(N, 4\)"):
-        M.box_iou(np.zeros((2, 3)), np.zeros((1, 4)))
+        box_iou(np.zeros((2, 3)), np.zeros((1, 4)))
     with pytest.raises(SpineInpaintError, match="x2 >= x1"):
-        M.box_iou(np.array([[5, 0, 1, 2]]), np.zeros((1, 4)))
+        box_iou(np.array([[5, 0, 1, 2]]), np.zeros((1, 4)))
     with pytest.raises(SpineInpaintError, match="one entry per image"):
-        M.average_precision([np.zeros((0, 4))], [], [np.zeros((0, 4))])
+        average_precision([np.zeros((0, 4))], [], [np.zeros((0, 4))])
     with pytest.raises(SpineInpaintError, match="2 boxes but 1 scores"):
-        M.average_precision([np.zeros((2, 4))], [np.ones(1)], [np.zeros((0, 4))])
+        average_precision([np.zeros((2, 4))], [np.ones(1)], [np.zeros((0, 4))])
 
 
 def _three_images():
@@ -273,15 +284,15 @@ def test_average_precision_hand_computed():
     # recall 1/3,1/3,2/3,2/3,2/3; precision 1,1/2,2/3,1/2,2/5 -> interpolated 1,2/3,2/3,1/2,2/5.
     # 101 recall points: r = 0.00..0.33 (34 points) -> 1; r = 0.34..0.66 (33 points) -> 2/3; r >= 0.67 -> 0.
     # AP = (34 + 33 * 2/3) / 101 = 56/101.
-    assert M.average_precision(pred, scores, gt, 0.5) == pytest.approx(56 / 101)
+    assert average_precision(pred, scores, gt, 0.5) == pytest.approx(56 / 101)
     # IoU 0.9: C (0.82) misses, so D takes G2: A TP, B FP, C FP, D TP, E FP.
     # precision 1,1/2,1/3,1/2,2/5 -> interpolated 1,1/2,1/2,1/2,2/5; AP = (34 + 33/2) / 101 = 0.5.
-    assert M.average_precision(pred, scores, gt, 0.9) == pytest.approx(0.5)
+    assert average_precision(pred, scores, gt, 0.9) == pytest.approx(0.5)
 
 
 def test_coco_ap_hand_computed():
     pred, scores, gt = _three_images()
-    ap = M.coco_ap(pred, scores, gt)
+    ap = coco_ap(pred, scores, gt)
     # Thresholds 0.50..0.80 (7 of them) give 56/101, 0.85..0.95 (3) give 0.5.
     assert ap["ap50"] == pytest.approx(56 / 101)
     assert ap["ap75"] == pytest.approx(56 / 101)
@@ -290,11 +301,11 @@ def test_coco_ap_hand_computed():
 
 def test_average_precision_edge_cases():
     box = np.array([[0, 0, 4, 4]], float)
-    assert M.average_precision([box], [np.array([0.3])], [box]) == pytest.approx(1.0)
-    assert M.average_precision([np.zeros((0, 4))], [np.zeros(0)], [box]) == 0.0
-    assert math.isnan(M.average_precision([box], [np.array([0.3])], [np.zeros((0, 4))]))
+    assert average_precision([box], [np.array([0.3])], [box]) == pytest.approx(1.0)
+    assert average_precision([np.zeros((0, 4))], [np.zeros(0)], [box]) == 0.0
+    assert math.isnan(average_precision([box], [np.array([0.3])], [np.zeros((0, 4))]))
     # A perfect box still counts at IoU threshold 1.0 (COCO compares with 1 - 1e-10).
-    assert M.average_precision([box], [np.array([0.3])], [box], iou_threshold=1.0) == pytest.approx(1.0)
+    assert average_precision([box], [np.array([0.3])], [box], iou_threshold=1.0) == pytest.approx(1.0)
 
 
 def test_equal_iou_tie_goes_to_the_later_truth_box_as_in_cocoeval():
@@ -302,7 +313,7 @@ def test_equal_iou_tie_goes_to_the_later_truth_box_as_in_cocoeval():
     # which leaves G0 for the second detection: two hits, AP 1. Taking G0 first would give 51/101.
     gt = [np.array([[0, 0, 10, 10], [10, 0, 20, 10]], float)]
     pred = [np.array([[5, 0, 15, 10], [0, 0, 10, 10]], float)]
-    assert M.average_precision(pred, [np.array([0.9, 0.8])], gt, iou_threshold=0.3) == pytest.approx(1.0)
+    assert average_precision(pred, [np.array([0.9, 0.8])], gt, iou_threshold=0.3) == pytest.approx(1.0)
 
 
 def test_coco_ap_matches_monai_coco_metric():
@@ -325,10 +336,10 @@ def test_coco_ap_matches_monai_coco_metric():
         pred_boxes.append(boxes)
         pred_scores.append(rng.uniform(size=boxes.shape[0]))
         gt_boxes.append(gt.reshape(-1, 4))
-    ours = M.coco_ap(pred_boxes, pred_scores, gt_boxes)
+    ours = coco_ap(pred_boxes, pred_scores, gt_boxes)
 
     def iou_fn(a, b):
-        return M.box_iou(a, b)
+        return box_iou(a, b)
 
     metric = COCOMetric(classes=["lesion"], iou_list=(0.5, 0.75), iou_range=(0.5, 0.95, 0.05), verbose=False)
     matches = matching_batch(
@@ -350,14 +361,14 @@ def test_coco_ap_matches_monai_coco_metric():
 
 def test_froc_hand_computed():
     pred, scores, gt = _three_images()
-    result = M.froc(pred, scores, gt)
+    result = froc(pred, scores, gt)
     # Ranking A TP, B FP, C TP, D FP, E FP over 3 images and 3 true boxes; curve (FP/image, sens):
     # (0,0) (0,1/3) (1/3,1/3) (1/3,2/3) (2/3,2/3) (1,2/3).
     np.testing.assert_allclose(result.curve_fps, [0, 0, 1 / 3, 1 / 3, 2 / 3, 1])
     np.testing.assert_allclose(result.curve_sensitivity, [0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3])
     np.testing.assert_allclose(result.sensitivities, [1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3])
     assert result.mean_sensitivity == pytest.approx((2 * 1 / 3 + 5 * 2 / 3) / 7)  # = 4/7
-    assert result.fps_per_image == M.FROC_FPS_PER_IMAGE
+    assert result.fps_per_image == FROC_FPS_PER_IMAGE
 
 
 def test_froc_tied_scores_enter_together():
@@ -365,10 +376,10 @@ def test_froc_tied_scores_enter_together():
     # point with the hit but without the false positive, so at 0 FP/image the sensitivity is 0.
     gt = [np.array([[0, 0, 10, 10]], float)]
     pred = [np.array([[0, 0, 10, 10], [30, 30, 40, 40]], float)]
-    result = M.froc(pred, [np.array([0.5, 0.5])], gt, fps_per_image=(0.0, 1.0))
+    result = froc(pred, [np.array([0.5, 0.5])], gt, fps_per_image=(0.0, 1.0))
     np.testing.assert_allclose(result.sensitivities, [0.0, 1.0])
     with pytest.raises(SpineInpaintError, match="ground-truth"):
-        M.froc(pred, [np.array([0.5, 0.5])], [np.zeros((0, 4))])
+        froc(pred, [np.array([0.5, 0.5])], [np.zeros((0, 4))])
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,8 +407,8 @@ def test_mmd_matches_double_loop_formula():
     x = rng.normal(size=(9, 4))
     y = rng.normal(0.5, 1.2, size=(7, 4))
     sigma = 1.7
-    assert M.mmd2_unbiased(x, y, sigma) == pytest.approx(_mmd2_loops(x, y, sigma, True), rel=1e-10)
-    assert M.mmd2_biased(x, y, sigma) == pytest.approx(_mmd2_loops(x, y, sigma, False), rel=1e-10)
+    assert mmd2_unbiased(x, y, sigma) == pytest.approx(_mmd2_loops(x, y, sigma, True), rel=1e-10)
+    assert mmd2_biased(x, y, sigma) == pytest.approx(_mmd2_loops(x, y, sigma, False), rel=1e-10)
 
 
 def test_mmd_tiny_case_by_hand_and_image_flattening():
@@ -405,33 +416,33 @@ def test_mmd_tiny_case_by_hand_and_image_flattening():
     y = np.array([[1.0], [1.0]])
     # Kxx = Kyy = 1, Kxy = exp(-1/2) at sigma 1: both estimators give 2 - 2 exp(-1/2).
     expected = 2 - 2 * math.exp(-0.5)
-    assert M.mmd2_biased(x, y, 1.0) == pytest.approx(expected)
-    assert M.mmd2_unbiased(x, y, 1.0) == pytest.approx(expected)
+    assert mmd2_biased(x, y, 1.0) == pytest.approx(expected)
+    assert mmd2_unbiased(x, y, 1.0) == pytest.approx(expected)
     rng = np.random.default_rng(4)
     images_a, images_b = rng.normal(size=(5, 8, 8)), rng.normal(size=(6, 8, 8))
-    assert M.mmd2_unbiased(images_a, images_b) == pytest.approx(
-        M.mmd2_unbiased(images_a.reshape(5, -1), images_b.reshape(6, -1))
+    assert mmd2_unbiased(images_a, images_b) == pytest.approx(
+        mmd2_unbiased(images_a.reshape(5, -1), images_b.reshape(6, -1))
     )
 
 
 def test_median_bandwidth_by_hand():
     # Pooled 1-D points 0, 1, 3: pair distances 1, 3, 2 -> median 2.
-    assert M.median_bandwidth(np.array([[0.0], [1.0]]), np.array([[3.0], [3.0]])) == pytest.approx(
+    assert median_bandwidth(np.array([[0.0], [1.0]]), np.array([[3.0], [3.0]])) == pytest.approx(
         np.median([1, 3, 3, 2, 2, 0])
     )
-    assert M.median_bandwidth(np.array([[0.0], [1.0]]), np.array([[3.0], [5.0]])) == pytest.approx(2.5)
+    assert median_bandwidth(np.array([[0.0], [1.0]]), np.array([[3.0], [5.0]])) == pytest.approx(2.5)
     # Default bandwidth is that median.
     rng = np.random.default_rng(5)
     x, y = rng.normal(size=(6, 3)), rng.normal(size=(5, 3))
-    assert M.mmd2_unbiased(x, y) == pytest.approx(M.mmd2_unbiased(x, y, M.median_bandwidth(x, y)))
+    assert mmd2_unbiased(x, y) == pytest.approx(mmd2_unbiased(x, y, median_bandwidth(x, y)))
 
 
 def test_identical_samples_give_zero_biased_mmd():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(30, 16))
-    assert M.mmd2_biased(x, x.copy()) == pytest.approx(0.0, abs=1e-12)
+    assert mmd2_biased(x, x.copy()) == pytest.approx(0.0, abs=1e-12)
     # The unbiased estimator of identical samples is negative: it drops the diagonal only within groups.
-    assert M.mmd2_unbiased(x, x.copy()) < 0
+    assert mmd2_unbiased(x, x.copy()) < 0
 
 
 def test_permutation_test_separates_distributions_seeded():
@@ -439,21 +450,21 @@ def test_permutation_test_separates_distributions_seeded():
     x = rng.normal(0.0, 1.0, size=(40, 5))
     y_far = rng.normal(1.5, 1.0, size=(40, 5))
     y_same = rng.normal(0.0, 1.0, size=(40, 5))
-    mmd_far, p_far = M.mmd_permutation_test(x, y_far, n_permutations=200, seed=1)
-    mmd_same, p_same = M.mmd_permutation_test(x, y_same, n_permutations=200, seed=1)
-    assert mmd_far == pytest.approx(M.mmd2_unbiased(x, y_far))
+    mmd_far, p_far = mmd_permutation_test(x, y_far, n_permutations=200, seed=1)
+    mmd_same, p_same = mmd_permutation_test(x, y_same, n_permutations=200, seed=1)
+    assert mmd_far == pytest.approx(mmd2_unbiased(x, y_far))
     assert p_far == pytest.approx(1 / 201)  # no permutation reaches the observed statistic
     assert p_same > 0.05 and mmd_same < mmd_far
-    assert M.mmd_permutation_test(x, y_same, n_permutations=200, seed=1) == (mmd_same, p_same)
+    assert mmd_permutation_test(x, y_same, n_permutations=200, seed=1) == (mmd_same, p_same)
 
 
 def test_mmd_input_validation():
     with pytest.raises(SpineInpaintError, match="at least 2 samples"):
-        M.mmd2_unbiased(np.zeros((1, 3)), np.zeros((4, 3)))
+        mmd2_unbiased(np.zeros((1, 3)), np.zeros((4, 3)))
     with pytest.raises(SpineInpaintError, match="same feature size"):
-        M.mmd2_biased(np.zeros((3, 3)), np.zeros((4, 2)))
+        mmd2_biased(np.zeros((3, 3)), np.zeros((4, 2)))
     with pytest.raises(SpineInpaintError, match="bandwidth must be positive"):
-        M.mmd2_biased(np.zeros((3, 3)), np.ones((4, 3)), bandwidth=0.0)
+        mmd2_biased(np.zeros((3, 3)), np.ones((4, 3)), bandwidth=0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,10 +476,10 @@ def test_brats_intensity_range_by_hand():
     void[9] = True  # the values 900..999
     # Voided values: 0..899 plus 100 zeros -> sorted, indices 0..100 are 0 and index k > 100 is k - 100.
     # 0.5th percentile at position 4.995 -> 0; 99.5th at 994.005 -> 894 + 0.005.
-    low, high = M.brats_intensity_range(image, void)
+    low, high = brats_intensity_range(image, void)
     assert low == pytest.approx(0.0) and high == pytest.approx(894.005)
     # Leaving the void out: 0..899, positions 4.495 and 894.505.
-    low, high = M.brats_intensity_range(image, void, void_value=None)
+    low, high = brats_intensity_range(image, void, void_value=None)
     assert low == pytest.approx(4.495) and high == pytest.approx(894.505)
 
 
@@ -477,14 +488,14 @@ def test_brats_normalise_maps_window_to_unit_interval():
     ct = rng.normal(0, 400, size=(20, 20)) - 200  # CT-like values, many negative
     void = np.zeros_like(ct, bool)
     void[5:10, 5:10] = True
-    low, high = M.brats_intensity_range(ct, void)
-    out = M.brats_normalise(ct, void)
+    low, high = brats_intensity_range(ct, void)
+    out = brats_normalise(ct, void)
     assert low < -500  # the default keeps negative Hounsfield units
     assert out.min() == 0.0 and out.max() == 1.0
     inside = (ct > low) & (ct < high)
     np.testing.assert_allclose(out[inside], (ct[inside] - low) / (high - low))
     # The challenge's option raises the lower bound to 0 (all negative values become 0).
-    positive = M.brats_normalise(ct, void, strictly_positive=True)
+    positive = brats_normalise(ct, void, strictly_positive=True)
     assert np.all(positive[ct <= 0] == 0.0)
 
 
@@ -494,13 +505,13 @@ def test_masked_mae_mse_psnr_by_hand():
     mask = np.zeros((4, 4), int)
     mask[1:3, 1:3] = 1
     prediction[1:3, 1:3] = [[0.1, -0.1], [0.1, 0.1]]
-    assert M.masked_mae(prediction, target, mask) == pytest.approx(0.1)
-    assert M.masked_mse(prediction, target, mask) == pytest.approx(0.01)
-    assert M.masked_psnr(prediction, target, mask) == pytest.approx(20.0)  # 10 log10(1 / 0.01)
-    assert M.masked_psnr(prediction, target, mask, data_range=10.0) == pytest.approx(40.0)
-    assert M.masked_psnr(target, target, mask) == math.inf
+    assert masked_mae(prediction, target, mask) == pytest.approx(0.1)
+    assert masked_mse(prediction, target, mask) == pytest.approx(0.01)
+    assert masked_psnr(prediction, target, mask) == pytest.approx(20.0)  # 10 log10(1 / 0.01)
+    assert masked_psnr(prediction, target, mask, data_range=10.0) == pytest.approx(40.0)
+    assert masked_psnr(target, target, mask) == math.inf
     with pytest.raises(SpineInpaintError, match="mask is empty"):
-        M.masked_mae(prediction, target, np.zeros((4, 4), bool))
+        masked_mae(prediction, target, np.zeros((4, 4), bool))
 
 
 def test_masked_ssim_identical_is_one_and_full_mask_matches_skimage():
@@ -510,15 +521,15 @@ def test_masked_ssim_identical_is_one_and_full_mask_matches_skimage():
     target = ndimage.gaussian_filter(rng.uniform(size=(32, 40)), 1.0)
     prediction = np.clip(target + rng.normal(0, 0.05, size=target.shape), 0, 1)
     mask = np.ones(target.shape, bool)
-    assert M.masked_ssim(target, target, mask) == pytest.approx(1.0)
+    assert masked_ssim(target, target, mask) == pytest.approx(1.0)
     options = {"data_range": 1.0, "gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False}
     _, full_map = structural_similarity(target, prediction, full=True, **options)
-    assert M.masked_ssim(prediction, target, mask) == pytest.approx(full_map.mean())
+    assert masked_ssim(prediction, target, mask) == pytest.approx(full_map.mean())
     # skimage's own mean SSIM leaves out a 5-pixel border: the same mask must give the same number.
     interior = np.zeros_like(mask)
     interior[5:-5, 5:-5] = True
     mssim = structural_similarity(target, prediction, **options)
-    assert M.masked_ssim(prediction, target, interior) == pytest.approx(mssim)
+    assert masked_ssim(prediction, target, interior) == pytest.approx(mssim)
 
 
 @pytest.mark.parametrize("shape", [(30, 34), (14, 16, 18)])
@@ -540,7 +551,7 @@ def test_masked_ssim_matches_monai_on_valid_region(shape):
     interior = np.zeros(shape, bool)
     interior[tuple(slice(5, -5) for _ in shape)] = True
     # MONAI builds its Gaussian window in float32, hence the 1e-5 tolerance.
-    assert M.masked_ssim(prediction, target, interior) == pytest.approx(ssim_map.mean().item(), abs=1e-5)
+    assert masked_ssim(prediction, target, interior) == pytest.approx(ssim_map.mean().item(), abs=1e-5)
 
 
 def test_masked_ssim_is_local_and_validates_size():
@@ -552,10 +563,10 @@ def test_masked_ssim_is_local_and_validates_size():
     prediction[damaged] = rng.uniform(size=damaged.sum())
     far = np.zeros_like(damaged)
     far[2:10, 2:10] = True  # more than a window away from the damage
-    assert M.masked_ssim(prediction, target, far) == pytest.approx(1.0)
-    assert M.masked_ssim(prediction, target, damaged) < 0.5
+    assert masked_ssim(prediction, target, far) == pytest.approx(1.0)
+    assert masked_ssim(prediction, target, damaged) < 0.5
     with pytest.raises(SpineInpaintError, match="at least 11 voxels"):
-        M.masked_ssim(np.zeros((8, 20)), np.zeros((8, 20)), np.ones((8, 20), bool))
+        masked_ssim(np.zeros((8, 20)), np.zeros((8, 20)), np.ones((8, 20), bool))
 
 
 def test_inpainting_quality_combines_normalisation_and_masked_metrics():
@@ -565,12 +576,12 @@ def test_inpainting_quality_combines_normalisation_and_masked_metrics():
     void[15:25, 12:28] = True
     restored = truth.copy()
     restored[void] += 20.0  # a 20 HU bias inside the inpainted region only
-    low, high = M.brats_intensity_range(truth, void)
-    result = M.inpainting_quality(restored, truth, void)
-    t_n = M.brats_normalise(truth, void)
-    r_n = M.brats_normalise(restored, void, reference=truth)
+    low, high = brats_intensity_range(truth, void)
+    result = inpainting_quality(restored, truth, void)
+    t_n = brats_normalise(truth, void)
+    r_n = brats_normalise(restored, void, reference=truth)
     assert result["mae"] == pytest.approx(np.abs(r_n - t_n)[void].mean())
     assert result["mae"] <= 20.0 / (high - low) + 1e-12  # clipping can only shrink the error
     assert result["psnr"] == pytest.approx(10 * np.log10(1.0 / result["mse"]))
     assert 0.0 < result["ssim"] < 1.0
-    assert M.inpainting_quality(truth, truth, void)["ssim"] == pytest.approx(1.0)
+    assert inpainting_quality(truth, truth, void)["ssim"] == pytest.approx(1.0)

@@ -17,14 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SpineInpaintLib import io, labels as labels_mod, lesions, mrml, phantom
+from SpineInpaintLib import mrml
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core import labels as labels_mod
+from SpineInpaintLib.data import lesions
+from SpineInpaintLib.data.phantom import config as phantom
+from SpineInpaintLib.data.phantom.generate import make_phantom
+from SpineInpaintLib.mrml import results as mrml_results
 from Testing.mrml_fixtures import mrml_app, mrml_app_factory, scene  # noqa: F401  (pytest fixtures)
 
 slicer = pytest.importorskip("slicer")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SpineInpaint"))
-from SpineInpaintModuleLib import runner as runner_mod, steps  # noqa: E402
+from SpineInpaintModuleLib import runner as runner_mod  # noqa: E402
+from SpineInpaintModuleLib import steps  # noqa: E402
 
 sys.path.remove(str(REPO / "SpineInpaint"))
 
@@ -34,7 +41,7 @@ def phantom_lesion():
     """A small phantom (L1-L4, 1.6 x 1.6 x 3 mm) with a destructive lytic lesion in L3."""
     config = phantom.PhantomConfig(seed=5, shape_xy=(200, 200), spacing_xy=1.6, slice_thickness=3.0,
                                    levels=("L1", "L2", "L3", "L4"), body_width_mm=300, body_depth_mm=220)
-    ph = phantom.make_phantom(config)
+    ph = make_phantom(config)
     sim = lesions.simulate_lesion(ph.ct, ph.labels, "L3", "lytic", True, size=0.7, seed=1)
     return types.SimpleNamespace(ct=sim.ct, mask=sim.mask, labels=ph.labels)
 
@@ -137,7 +144,7 @@ def test_a_failure_while_loading_rolls_the_scene_back(scene, phantom_lesion, tmp
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(mrml, "models_from_segmentation", broken)
+    monkeypatch.setattr(mrml_results, "models_from_segmentation", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         mrml.load_outputs(scene, tmp_path, ct_node, segmentation_node=user_seg)
     assert node_ids(scene) == before

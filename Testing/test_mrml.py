@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SpineInpaintLib import SpineInpaintError, io, labels as labels_mod, mrml
+from SpineInpaintLib import SpineInpaintError, mrml
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core import labels as labels_mod
 from Testing.mrml_fixtures import mrml_app, mrml_app_factory, scene  # noqa: F401  (pytest fixtures)
 
 slicer = pytest.importorskip("slicer")

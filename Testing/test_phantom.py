@@ -8,9 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from SpineInpaintLib import SpineInpaintError, io
-from SpineInpaintLib import phantom as ph
-from SpineInpaintLib.labels import THORACOLUMBAR
+from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core.labels import THORACOLUMBAR
+from SpineInpaintLib.data.phantom import config as ph
+from SpineInpaintLib.data.phantom.generate import make_phantom
+from SpineInpaintLib.data.phantom.tissues import body_outline, compare_with_real, disc_mask, tissue_hu_statistics
 
 # A coarse grid keeps each phantom around a second or two; the anatomy is defined in mm, so the
 # coarse phantom has the same anatomy as a clinical-resolution one.
@@ -21,13 +24,13 @@ REL_TOL, ABS_TOL = 0.25, 25.0
 
 @pytest.fixture(scope="module")
 def small_phantom() -> ph.Phantom:
-    return ph.make_phantom(ph.PhantomConfig(seed=3, **SMALL))
+    return make_phantom(ph.PhantomConfig(seed=3, **SMALL))
 
 
 @pytest.fixture(scope="module")
 def abdomen_phantom() -> ph.Phantom:
     """The default anatomy on a 410 mm field of view at 1.6 mm / 3 mm (the whole body in view)."""
-    return ph.make_phantom(ph.PhantomConfig(shape_xy=(256, 256), spacing_xy=1.6, slice_thickness=3.0))
+    return make_phantom(ph.PhantomConfig(shape_xy=(256, 256), spacing_xy=1.6, slice_thickness=3.0))
 
 
 def _centroid_lps(vol: io.Volume, mask: np.ndarray) -> np.ndarray:
@@ -41,14 +44,14 @@ def _to_local(level: ph.SpineLevel, pts: np.ndarray) -> np.ndarray:
 
 # --- reproducibility ---------------------------------------------------------------------------
 def test_same_seed_gives_identical_volumes(small_phantom):
-    again = ph.make_phantom(ph.PhantomConfig(seed=3, **SMALL))
+    again = make_phantom(ph.PhantomConfig(seed=3, **SMALL))
     assert np.array_equal(again.ct.array, small_phantom.ct.array)
     assert np.array_equal(again.labels.array, small_phantom.labels.array)
     assert again.ct.same_grid(small_phantom.ct)
 
 
 def test_different_seed_gives_different_volumes(small_phantom):
-    other = ph.make_phantom(ph.PhantomConfig(seed=4, **SMALL))
+    other = make_phantom(ph.PhantomConfig(seed=4, **SMALL))
     diff = np.abs(other.ct.array.astype(np.int32) - small_phantom.ct.array.astype(np.int32))
     assert np.mean(diff > 0) > 0.5  # at least the noise differs almost everywhere
     assert not np.array_equal(other.labels.array, small_phantom.labels.array)  # and the textures/anatomy
@@ -78,7 +81,7 @@ def test_grid_is_as_requested(small_phantom):
     assert ct.size_xyz[:2] == (128, 128)
     assert np.array_equal(ct.direction, np.eye(3))
     origin = (-100.0, -80.0, round(float(small_phantom.level("L3").center[2])) - 15.0)
-    p = ph.make_phantom(ph.PhantomConfig(seed=3, origin=origin, n_slices=12, levels=("L3",), **SMALL))
+    p = make_phantom(ph.PhantomConfig(seed=3, origin=origin, n_slices=12, levels=("L3",), **SMALL))
     assert p.ct.origin == origin and p.ct.shape == (12, 128, 128)
 
 
@@ -87,7 +90,7 @@ def test_every_requested_level_is_labelled(small_phantom):
     for level in THORACOLUMBAR:
         assert level in present
         assert np.count_nonzero(small_phantom.labels.array == level) * 12.0 > 20_000  # > 20 cm^3 of bone
-    only = ph.make_phantom(ph.PhantomConfig(seed=3, levels=("L2", "L3"), **SMALL))
+    only = make_phantom(ph.PhantomConfig(seed=3, levels=("L2", "L3"), **SMALL))
     assert {30, 29} <= set(only.levels_in_view())
     assert only.ct.shape[0] < small_phantom.ct.shape[0]  # the field of view follows the request
 
@@ -98,7 +101,7 @@ def test_sacrum_plate_makes_the_lower_sacrum_a_wide_plate_bowed_forward():
     cfg = dict(seed=3, levels=("sacrum", "S1"), shape_xy=(192, 192), spacing_xy=1.5, slice_thickness=3.0)
     widths = {}
     for plate in (False, True):
-        p = ph.make_phantom(ph.PhantomConfig(sacrum_plate=plate, **cfg))
+        p = make_phantom(ph.PhantomConfig(sacrum_plate=plate, **cfg))
         sacrum = p.labels.array == 25
         s2 = next(lv for lv in p.centerline if lv.name == "sacrum")  # placed at S2
         u, v, w = _to_local(s2, p.ct.index_to_physical(np.argwhere(sacrum))).T
@@ -110,7 +113,7 @@ def test_sacrum_plate_makes_the_lower_sacrum_a_wide_plate_bowed_forward():
             assert np.median(v[side]) < np.median(v[mid]) - 3.0
     assert widths[True] > 85.0 and widths[False] < 65.0, widths
     with pytest.raises(SpineInpaintError, match="sacrum_plate must be True or False"):
-        ph.make_phantom(ph.PhantomConfig(sacrum_plate="yes", **cfg))
+        make_phantom(ph.PhantomConfig(sacrum_plate="yes", **cfg))
 
 
 @pytest.mark.parametrize("plate", [False, True])
@@ -123,7 +126,7 @@ def test_sacroiliac_joint_brings_each_ilium_to_the_sacrum_across_a_joint_space(p
                sacrum_plate=plate)
     near = {}
     for joint in (False, True):
-        lab = ph.make_phantom(ph.PhantomConfig(sacroiliac_joint=joint, **cfg)).labels.array
+        lab = make_phantom(ph.PhantomConfig(sacroiliac_joint=joint, **cfg)).labels.array
         dist = ndimage.distance_transform_edt(~np.isin(lab, [25, 26]), sampling=(3.0, 1.5, 1.5))
         for hip in (77, 78):  # hip_left, hip_right
             d = dist[lab == hip]
@@ -133,7 +136,7 @@ def test_sacroiliac_joint_brings_each_ilium_to_the_sacrum_across_a_joint_space(p
     for hip in (77, 78):
         assert near[True, hip] > 3 * near[False, hip] and near[True, hip] > 500, near
     with pytest.raises(SpineInpaintError, match="sacroiliac_joint must be True or False"):
-        ph.make_phantom(ph.PhantomConfig(sacroiliac_joint=1, **cfg))
+        make_phantom(ph.PhantomConfig(sacroiliac_joint=1, **cfg))
 
 
 def test_sacrum_upright_runs_the_sacrum_down_with_its_tip_turned_forward():
@@ -141,7 +144,7 @@ def test_sacrum_upright_runs_the_sacrum_down_with_its_tip_turned_forward():
     sacrum's back); off, the old one that bends back toward the horizontal, ~55 mm tall."""
     cfg = dict(seed=3, levels=("sacrum", "S1"), shape_xy=(192, 192), spacing_xy=1.5, slice_thickness=3.0)
     for upright in (False, True):
-        p = ph.make_phantom(ph.PhantomConfig(sacrum_upright=upright, **cfg))
+        p = make_phantom(ph.PhantomConfig(sacrum_upright=upright, **cfg))
         x, y, z = p.ct.index_to_physical(np.argwhere(p.labels.array == 25)).T  # LPS: y points back
         tip_y = np.median(y[z < z.min() + 10.0])  # the lowest 10 mm
         if upright:
@@ -155,11 +158,11 @@ def test_sacrum_upright_runs_the_sacrum_down_with_its_tip_turned_forward():
 
 def test_sacrum_level_extends_the_field_of_view_into_the_pelvis(small_phantom):
     """``levels=("sacrum", ...)`` covers S2-S5 (label 25) to its lowest voxel, with the ilium beside it."""
-    pelvic = ph.make_phantom(ph.PhantomConfig(seed=3, levels=("sacrum", "S1"), **SMALL))
+    pelvic = make_phantom(ph.PhantomConfig(seed=3, levels=("sacrum", "S1"), **SMALL))
     lab = pelvic.labels.array
     sacrum_slices = np.nonzero((lab == 25).any(axis=(1, 2)))[0]
     assert sacrum_slices.size and sacrum_slices.min() > 0  # the sacrum ends inside the field of view
-    s1_only = ph.make_phantom(ph.PhantomConfig(seed=3, levels=("S1",), **SMALL))
+    s1_only = make_phantom(ph.PhantomConfig(seed=3, levels=("S1",), **SMALL))
     # The same anatomy (same seed): in physical z the pelvic field of view starts > 25 mm lower.
     assert pelvic.ct.origin[2] < s1_only.ct.origin[2] - 25.0
     low = set(np.unique(lab[: sacrum_slices.max()]).tolist())
@@ -200,7 +203,7 @@ def test_vertebral_bodies_sit_on_the_configured_centreline(spacing, thickness):
     """The centroid of each vertebral body (the label voxels inside the body's local box) lies on
     the centreline pose, whatever the grid: within one voxel across the spine and along it."""
     n = int(round(256 / spacing))
-    p = ph.make_phantom(ph.PhantomConfig(seed=1, shape_xy=(n, n), spacing_xy=spacing,
+    p = make_phantom(ph.PhantomConfig(seed=1, shape_xy=(n, n), spacing_xy=spacing,
                                          slice_thickness=thickness, scoliosis_deg=12.0,
                                          axial_rotation_deg=8.0, levels=("L4", "L1")))
     lab = p.labels
@@ -216,8 +219,8 @@ def test_vertebral_bodies_sit_on_the_configured_centreline(spacing, thickness):
 
 
 def test_centreline_is_independent_of_the_grid():
-    a = ph.make_phantom(ph.PhantomConfig(seed=2, **SMALL))
-    b = ph.make_phantom(ph.PhantomConfig(seed=2, shape_xy=(96, 96), spacing_xy=1.0, slice_thickness=1.0,
+    a = make_phantom(ph.PhantomConfig(seed=2, **SMALL))
+    b = make_phantom(ph.PhantomConfig(seed=2, shape_xy=(96, 96), spacing_xy=1.0, slice_thickness=1.0,
                                          levels=("L3",), noise_hu=0.0))
     for la, lb in zip(a.centerline, b.centerline):
         assert np.allclose(la.center, lb.center) and np.allclose(la.frame, lb.frame)
@@ -228,7 +231,7 @@ def test_centreline_is_independent_of_the_grid():
 
 
 def test_lordosis_and_kyphosis_follow_the_config():
-    p = ph.make_phantom(ph.PhantomConfig(seed=0, lordosis_deg=52.0, kyphosis_deg=9.0, levels=("S1", "L1"),
+    p = make_phantom(ph.PhantomConfig(seed=0, lordosis_deg=52.0, kyphosis_deg=9.0, levels=("S1", "L1"),
                                          **SMALL))
     tilt = {lev.name: lev.tilt_deg[0] for lev in p.centerline}
     assert tilt["L1"] - tilt["S1"] == pytest.approx(52.0, abs=1e-6)
@@ -238,7 +241,7 @@ def test_lordosis_and_kyphosis_follow_the_config():
     # centroid, so compare two lordoses to cancel that offset
     turn = {}
     for lordosis in (30.0, 55.0):
-        q = ph.make_phantom(ph.PhantomConfig(seed=0, lordosis_deg=lordosis, levels=("S1", "L1"), **SMALL))
+        q = make_phantom(ph.PhantomConfig(seed=0, lordosis_deg=lordosis, levels=("S1", "L1"), **SMALL))
         c = {i: _centroid_lps(q.labels, q.labels.array == i) for i in (26, 27, 30, 31)}
         chord = [math.degrees(math.atan2(b[1] - a[1], b[2] - a[2]))
                  for a, b in ((c[26], c[27]), (c[30], c[31]))]
@@ -256,7 +259,7 @@ def _coronal_cobb(p: ph.Phantom) -> float:
 
 @pytest.mark.parametrize("cobb", [15.0, -10.0, 0.0])
 def test_scoliosis_measured_on_the_labels_matches_the_config(cobb):
-    p = ph.make_phantom(ph.PhantomConfig(seed=0, scoliosis_deg=cobb, scoliosis_apex="L1", **SMALL))
+    p = make_phantom(ph.PhantomConfig(seed=0, scoliosis_deg=cobb, scoliosis_apex="L1", **SMALL))
     measured, cents = _coronal_cobb(p)
     assert measured == pytest.approx(abs(cobb), abs=3.0)
     if cobb:
@@ -267,7 +270,7 @@ def test_scoliosis_measured_on_the_labels_matches_the_config(cobb):
 
 
 def test_axial_rotation_turns_the_apical_vertebra():
-    p = ph.make_phantom(ph.PhantomConfig(seed=0, axial_rotation_deg=12.0, scoliosis_apex="L2", levels=("L2",),
+    p = make_phantom(ph.PhantomConfig(seed=0, axial_rotation_deg=12.0, scoliosis_apex="L2", levels=("L2",),
                                          shape_xy=(128, 128), spacing_xy=1.0, slice_thickness=2.0))
     lev = p.level("L2")
     # the spinous process (far posterior part of the label) points 12 deg to the patient's right
@@ -283,7 +286,7 @@ def test_tissue_hu_before_noise_and_blur():
     """Noise-free nominal values: cortex 700-1500, cancellous core 150-350 with texture, disc 70-100."""
     cfg = ph.PhantomConfig(seed=0, noise_hu=0.0, blur_mm=0.0, cortical_mm=2.5, levels=("L3",),
                            shape_xy=(128, 128), spacing_xy=0.5, slice_thickness=1.0)
-    p = ph.make_phantom(cfg)
+    p = make_phantom(cfg)
     lev = p.level("L3")
     mask = p.labels.array == 29
     pts = p.labels.index_to_physical(np.argwhere(mask))
@@ -303,8 +306,8 @@ def test_tissue_hu_before_noise_and_blur():
 
 
 def test_noise_level_in_soft_tissue():
-    p = ph.make_phantom(ph.PhantomConfig(seed=0, noise_hu=15.0, levels=("L3",), **SMALL))
-    quiet = ph.make_phantom(ph.PhantomConfig(seed=0, noise_hu=0.0, levels=("L3",), **SMALL))
+    p = make_phantom(ph.PhantomConfig(seed=0, noise_hu=15.0, levels=("L3",), **SMALL))
+    quiet = make_phantom(ph.PhantomConfig(seed=0, noise_hu=0.0, levels=("L3",), **SMALL))
     diff = p.ct.array.astype(float) - quiet.ct.array.astype(float)
     assert diff.std() == pytest.approx(15.0, rel=0.1)
 
@@ -312,7 +315,7 @@ def test_noise_level_in_soft_tissue():
 def test_air_table_and_body_on_a_full_field_of_view(abdomen_phantom):
     ct, lab = abdomen_phantom.ct.array, abdomen_phantom.labels.array
     assert ct[:, :5, :5].mean() < -950 and (lab[:, :5, :5] == 0).all()  # air in the corner
-    body = ph.body_outline(abdomen_phantom.ct)
+    body = body_outline(abdomen_phantom.ct)
     assert not body[lab == ph.TISSUE_LABELS["table"]].any()  # the table is apart from the body
     assert body[lab == 29].all() and body[np.isin(lab, (11, 14))].all()  # lungs filled in
 
@@ -321,7 +324,7 @@ def test_hu_statistics_match_the_real_scan(real_case, abdomen_phantom):
     """Done-when of issue 3: bone, disc, muscle and fat means of the phantom, measured on the real
     scan's 3 mm grid, within max(25 %, 25 HU) of the real scan's."""
     real_ct, real_lab = real_case
-    result = ph.compare_with_real(abdomen_phantom, real_ct, real_lab)
+    result = compare_with_real(abdomen_phantom, real_ct, real_lab)
     for tissue in ("bone", "disc", "muscle", "fat"):
         r = result[tissue]
         assert r["real_n"] > 1000 and r["phantom_n"] > 1000, tissue
@@ -338,7 +341,7 @@ def test_disc_mask_is_the_anterior_gap_between_adjacent_vertebrae():
     lab[2:8, 5:25, 2:8] = 28  # L4, z 2..7
     lab[11:17, 5:25, 2:8] = 29  # L3 above it, gap z 8..10
     vol = io.Volume(lab, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0))
-    disc = ph.disc_mask(vol)
+    disc = disc_mask(vol)
     # both centroids lie at row 14.5 (P = 14.5 mm): only rows 5..14 of the gap count
     expected = np.zeros_like(disc)
     expected[8:11, 5:15, 2:8] = True
@@ -346,8 +349,8 @@ def test_disc_mask_is_the_anterior_gap_between_adjacent_vertebrae():
     # a gap longer than 20 mm is not a disc; non-adjacent ids are not paired
     lab2 = lab.copy()
     lab2[11:17][lab2[11:17] == 29] = 30
-    assert not ph.disc_mask(io.Volume(lab2, spacing=(1.0, 1.0, 2.0))).any()
-    assert not ph.disc_mask(io.Volume(lab, spacing=(1.0, 1.0, 8.0))).any()
+    assert not disc_mask(io.Volume(lab2, spacing=(1.0, 1.0, 2.0))).any()
+    assert not disc_mask(io.Volume(lab, spacing=(1.0, 1.0, 8.0))).any()
 
 
 def test_disc_mask_follows_the_direction_matrix():
@@ -355,7 +358,7 @@ def test_disc_mask_follows_the_direction_matrix():
     lab[2:8, 5:25, 2:8] = 29  # superior vertebra at low index: the z axis runs inferior
     lab[11:17, 5:25, 2:8] = 28
     flipped = np.diag([1.0, 1.0, -1.0])
-    disc = ph.disc_mask(io.Volume(lab, spacing=(1.0, 1.0, 2.0), direction=flipped))
+    disc = disc_mask(io.Volume(lab, spacing=(1.0, 1.0, 2.0), direction=flipped))
     assert disc[8:11].any() and disc.sum() == 3 * 10 * 6
 
 
@@ -366,9 +369,9 @@ def test_fat_is_counted_inside_the_body_outline_only():
     ct[:, 0:2, :] = -100  # a thin strip apart from the body (the "table"): not the body
     labels = io.Volume(np.zeros_like(ct, dtype=np.uint8))
     vol = io.Volume(ct)
-    body = ph.body_outline(vol)
+    body = body_outline(vol)
     assert body[:, 15:25, 15:25].all() and not body[:, 0:2].any()
-    stats = ph.tissue_hu_statistics(vol, labels)
+    stats = tissue_hu_statistics(vol, labels)
     assert stats["fat"]["n"] == 4 * (30 * 30 - 10 * 10) and stats["fat"]["mean"] == -100.0
     assert math.isnan(stats["bone"]["mean"]) and stats["bone"]["n"] == 0
 
@@ -397,15 +400,15 @@ def test_fat_is_counted_inside_the_body_outline_only():
 )
 def test_bad_requests_raise_a_clear_error(change, message):
     with pytest.raises(SpineInpaintError, match=message):
-        ph.make_phantom(ph.PhantomConfig(**{**SMALL, **change}))
+        make_phantom(ph.PhantomConfig(**{**SMALL, **change}))
 
 
 def test_bad_overrides_and_unknown_level_names():
     with pytest.raises(SpineInpaintError, match="unknown phantom option"):
-        ph.make_phantom(colour="red")
+        make_phantom(colour="red")
     with pytest.raises(SpineInpaintError, match="PhantomConfig"):
-        ph.make_phantom({"seed": 1})
-    p = ph.make_phantom(ph.PhantomConfig(seed=0, levels=("L3",), **SMALL))
+        make_phantom({"seed": 1})
+    p = make_phantom(ph.PhantomConfig(seed=0, levels=("L3",), **SMALL))
     with pytest.raises(SpineInpaintError, match="not modelled"):
         p.level("C2")
 
@@ -414,7 +417,7 @@ def test_bad_overrides_and_unknown_level_names():
 @pytest.mark.slow
 def test_full_size_phantom_512x512x100():
     """The benchmark grid (0.8 mm, 2.5 mm slices) and the default anatomy at clinical resolution."""
-    p = ph.make_phantom(ph.PhantomConfig(seed=0, n_slices=100))
+    p = make_phantom(ph.PhantomConfig(seed=0, n_slices=100))
     assert p.ct.shape == (100, 512, 512) and p.ct.spacing == (0.8, 0.8, 2.5)
     assert len(p.levels_in_view()) >= 7
     soft = p.ct.array[p.labels.array == ph.TISSUE_LABELS["iliopsoas_left"]]

@@ -6,16 +6,18 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from SpineInpaintLib import cli, io, lesions, pipeline, segmentation, surface
-
+from SpineInpaintLib import cli, pipeline, segmentation, surface
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core.outputs import OUTPUT_FILES
+from SpineInpaintLib.data import lesions
+from SpineInpaintLib.data.real import load_real_case
 
 
 @pytest.fixture(scope="module")
 def lesion_files(tmp_path_factory):
     """The real scan with a destructive lytic L3 lesion, written to disk with its mask."""
-    ct, labels = io.load_real_case("totalsegmentator")
+    ct, labels = load_real_case("totalsegmentator")
     sim = lesions.simulate_lesion(ct, labels, "L3", "lytic", True, size=0.7, seed=1)
     folder = tmp_path_factory.mktemp("case")
     ct_path = io.write_volume(sim.ct, folder / "ct.nii.gz")
@@ -38,11 +40,11 @@ def test_restore_writes_the_contract_files_on_the_input_grid(tmp_path, capsys, l
     assert cli.main(["restore", str(ct_path), "--out", str(out), "--lesion-mask", str(mask_path),
                      "--seed", "3"]) == 0
     assert ct_path.read_bytes() == before
-    for name in pipeline.OUTPUT_FILES.values():
+    for name in OUTPUT_FILES.values():
         assert (out / name).exists(), name
     ct = io.read_volume(ct_path)
     for key in ("restored_ct", "spine_seg", "lesion_seg", "restored_seg"):
-        volume = io.read_volume(out / pipeline.OUTPUT_FILES[key])
+        volume = io.read_volume(out / OUTPUT_FILES[key])
         assert volume.same_grid(ct), key
     restored = io.read_volume(out / "restored_ct.nii.gz")
     mask = io.read_volume(out / "lesion_seg.nii.gz").array > 0
@@ -173,7 +175,7 @@ def test_segment_refuses_an_image_that_is_not_ct(tmp_path, capsys):
 
 
 def test_grey_method_falls_back_to_the_context_generator_only_without_grey_weights():
-    from SpineInpaintLib import gan
+    from SpineInpaintLib.inpainting import networks as gan
 
     for method in ("dcgan", "pggan"):
         assert pipeline.grey_method_for(method) == "context"  # no grayscale weights shipped for these

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from SpineInpaintLib import SpineInpaintError, io, report, surface
+from SpineInpaintLib import SpineInpaintError, render, surface
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core.files import to_jsonable, write_report_json
+from SpineInpaintLib.core.runtime import StageTimer, Timer
+from SpineInpaintLib.report import plot_orthogonal_views, report_figure
 
 BACKGROUND = np.array([255, 255, 255])
 
@@ -45,20 +50,20 @@ def blob_columns(pixels: np.ndarray) -> tuple[float, float]:
 def crashing_vtk(monkeypatch):
     """Make the offscreen probe die the way a broken OpenGL set-up does."""
     # Exit code 139 without a word, as a segfault gives, minus the core file.
-    monkeypatch.setattr(report, "_PROBE", "import os; os._exit(139)")
-    report.vtk_offscreen_window.cache_clear()
+    monkeypatch.setattr(render, "_PROBE", "import os; os._exit(139)")
+    render.vtk_offscreen_window.cache_clear()
     yield
-    report.vtk_offscreen_window.cache_clear()
+    render.vtk_offscreen_window.cache_clear()
 
 
 # --- 3D rendering -----------------------------------------------------------------------------------
 def test_vtk_offscreen_renders_through_egl_here(two_balls, tmp_path):
-    window = report.vtk_offscreen_window()
+    window = render.vtk_offscreen_window()
     if window is None:
         pytest.skip("no offscreen OpenGL window on this machine (the matplotlib fallback is tested below)")
     # No X server is needed: on Linux the probe and the renders use EGL.
-    assert window == "vtkEGLRenderWindow" or not report.sys.platform.startswith("linux")
-    path = report.render_surfaces(two_balls, tmp_path / "view.png", size=(300, 200), highlight="left")
+    assert window == "vtkEGLRenderWindow" or not sys.platform.startswith("linux")
+    path = render.render_surfaces(two_balls, tmp_path / "view.png", size=(300, 200), highlight="left")
     pixels = np.asarray(Image.open(path).convert("RGB"))
     assert pixels.shape == (200, 300, 3)
     assert (pixels != pixels[0, 0]).any(axis=2).mean() > 0.05  # not a blank picture
@@ -70,44 +75,44 @@ def test_vtk_offscreen_renders_through_egl_here(two_balls, tmp_path):
 
 @pytest.mark.parametrize("backend", ["vtk", "matplotlib"])
 def test_views_put_the_patient_where_expected(two_balls, backend):
-    if backend == "vtk" and report.vtk_offscreen_window() is None:
+    if backend == "vtk" and render.vtk_offscreen_window() is None:
         pytest.skip("no offscreen OpenGL window on this machine")
-    pixels, renderer = report.render_surfaces_to_array(two_balls, (240, 160), ["left"], backend=backend)
+    pixels, renderer = render.render_surfaces_to_array(two_balls, (240, 160), ["left"], backend=backend)
     assert renderer.startswith(backend)
     assert pixels.shape == (160, 240, 3) and pixels.dtype == np.uint8
     blue, other = blob_columns(pixels)
     assert blue > other  # anterior: patient left on the right
-    pixels, _ = report.render_surfaces_to_array(two_balls, (240, 160), ["left"], view="posterior",
+    pixels, _ = render.render_surfaces_to_array(two_balls, (240, 160), ["left"], view="posterior",
                                                 backend=backend)
     blue, other = blob_columns(pixels)
     assert blue < other  # posterior: patient left on the left
 
 
 def test_broken_opengl_falls_back_to_matplotlib(two_balls, crashing_vtk, tmp_path, caplog):
-    assert report.vtk_offscreen_window() is None
+    assert render.vtk_offscreen_window() is None
     with caplog.at_level(logging.WARNING, logger="SpineInpaintLib.report"):
-        pixels, renderer = report.render_surfaces_to_array(two_balls, (200, 200), "left")
+        pixels, renderer = render.render_surfaces_to_array(two_balls, (200, 200), "left")
     assert renderer == "matplotlib" and "drawing the 3D view with matplotlib" in caplog.text
     assert (np.abs(pixels.astype(int) - BACKGROUND).max(axis=2) > 30).mean() > 0.02
     with pytest.raises(SpineInpaintError, match="VTK cannot render offscreen here"):
-        report.render_surfaces_to_array(two_balls, (200, 200), backend="vtk")
+        render.render_surfaces_to_array(two_balls, (200, 200), backend="vtk")
 
 
 def test_render_refuses_bad_requests(two_balls):
     with pytest.raises(SpineInpaintError, match="cannot highlight \\['L3'\\]"):
-        report.render_surfaces_to_array(two_balls, highlight="L3", backend="matplotlib")
+        render.render_surfaces_to_array(two_balls, highlight="L3", backend="matplotlib")
     with pytest.raises(SpineInpaintError, match="unknown view 'top'"):
-        report.render_surfaces_to_array(two_balls, view="top")
+        render.render_surfaces_to_array(two_balls, view="top")
     with pytest.raises(SpineInpaintError, match="unknown render backend 'povray'"):
-        report.render_surfaces_to_array(two_balls, backend="povray")
+        render.render_surfaces_to_array(two_balls, backend="povray")
     with pytest.raises(SpineInpaintError, match="no surfaces to render"):
-        report.render_surfaces_to_array({})
+        render.render_surfaces_to_array({})
 
 
 # --- report.png -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lesion_case(real_case):
-    from SpineInpaintLib.lesions import simulate_lesion
+    from SpineInpaintLib.data.lesions import simulate_lesion
 
     ct, labels = real_case
     return simulate_lesion(ct, labels, "L3", "lytic", True, seed=1)
@@ -115,7 +120,7 @@ def lesion_case(real_case):
 
 def test_report_figure_of_a_simulated_lesion(lesion_case, tmp_path):
     sim = lesion_case
-    path = report.report_figure(sim.ct, sim.healthy_ct, sim.lesion_mask, sim.healthy_labels, None,
+    path = report_figure(sim.ct, sim.healthy_ct, sim.lesion_mask, sim.healthy_labels, None,
                                 tmp_path / "report.png", title="L3 lytic (after = healthy truth)")
     assert [p.name for p in tmp_path.iterdir()] == ["report.png"]  # no temporary file left
     assert path.stat().st_size > 100_000
@@ -132,13 +137,13 @@ def test_report_figure_refuses_volumes_on_another_grid(lesion_case, tmp_path):
     shifted = io.Volume(sim.lesion_mask.array, sim.lesion_mask.spacing,
                         tuple(np.add(sim.lesion_mask.origin, (3.0, 0.0, 0.0))), sim.lesion_mask.direction)
     with pytest.raises(SpineInpaintError, match="the lesion mask is not on the grid of the input CT"):
-        report.report_figure(sim.ct, sim.healthy_ct, shifted, None, None, tmp_path / "report.png")
+        report_figure(sim.ct, sim.healthy_ct, shifted, None, None, tmp_path / "report.png")
     assert not (tmp_path / "report.png").exists()
 
 
 def test_orthogonal_views_are_drawn(real_case, tmp_path):
     ct, labels = real_case
-    path = report.plot_orthogonal_views(ct, labels, tmp_path / "views.png", title="real case")
+    path = plot_orthogonal_views(ct, labels, tmp_path / "views.png", title="real case")
     pixels = np.asarray(Image.open(path).convert("L"))
     assert path.stat().st_size > 30_000 and pixels.std() > 20
 
@@ -156,7 +161,7 @@ def test_report_json_converts_numpy_and_writes_valid_json(tmp_path):
         "names": {"L3", "L2"},
         3: "int key",
     }
-    path = report.write_report_json(tmp_path / "report.json", data)
+    path = write_report_json(tmp_path / "report.json", data)
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
     mask = os.umask(0o022)
     os.umask(mask)
@@ -168,11 +173,11 @@ def test_report_json_converts_numpy_and_writes_valid_json(tmp_path):
     }
     assert type(back["seed"]) is int and type(back["ok"]) is bool
     with pytest.raises(TypeError, match="cannot put a object into report.json"):
-        report.to_jsonable({"x": object()})
+        to_jsonable({"x": object()})
 
 
 def test_stage_timer_records_stages_in_order(tmp_path):
-    timer = report.StageTimer()
+    timer = StageTimer()
     with timer.stage("segmentation"):
         time.sleep(0.05)
     with pytest.raises(RuntimeError, match="boom"):
@@ -190,8 +195,8 @@ def test_stage_timer_records_stages_in_order(tmp_path):
     assert summary["wall_seconds"] >= summary["total_seconds"]
     if not math.isnan(summary["peak_rss_mb"] or math.nan):
         assert summary["peak_rss_mb"] > 10  # this Python process holds numpy and VTK
-    back = json.loads(report.write_report_json(tmp_path / "t.json", summary).read_text())
+    back = json.loads(write_report_json(tmp_path / "t.json", summary).read_text())
     assert [s["name"] for s in back["stages"]] == ["segmentation", "inpainting", "segmentation"]
-    with report.Timer() as t:
+    with Timer() as t:
         time.sleep(0.01)
     assert t.seconds >= 0.01

@@ -13,10 +13,25 @@ import numpy as np
 import pytest
 import torch
 
-from SpineInpaintLib import SpineInpaintError, datasets, io
-from SpineInpaintLib import seg_train as st
-from SpineInpaintLib import segmentation as seg
+from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.cli import main as cli_main
+from SpineInpaintLib.core import io
+from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.segmentation import inference as seg_inference
+from SpineInpaintLib.segmentation import networks as seg
+from SpineInpaintLib.segmentation.inference import (
+    WINDOWS,
+    channel_stack,
+    check_ct,
+    export_vertebra,
+    locate_spine,
+    predict_grid,
+    segment_volume,
+    to_network_grid,
+)
+from SpineInpaintLib.segmentation.vertebrae import clean_mask, directional_flood, number_chain, split_vertebrae
+from SpineInpaintLib.training import segmentation as st
+from SpineInpaintLib.training.segmentation import segmentation_loss, train_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,15 +108,15 @@ def test_ids_to_classes():
 def test_channel_stack_interpolates_neighbours_in_millimetres():
     # Slice z holds z * 100 HU; spacing 1.25 mm -> neighbours are 2 slices away; 1 mm -> 2.5 slices.
     hu = np.repeat(np.arange(8, dtype=np.float32)[:, None, None] * 100.0, 4, axis=1).repeat(4, axis=2)
-    lo, hi = seg.WINDOWS[0]
+    lo, hi = WINDOWS[0]
     wide = lambda v: np.clip((v - lo) / (hi - lo), 0, 1)  # noqa: E731
-    stack = seg.channel_stack(hu, 1.25, [3, 0, 7])
+    stack = channel_stack(hu, 1.25, [3, 0, 7])
     assert stack.shape == (3, 4, 4, 4)
     np.testing.assert_allclose(stack[0, :, 0, 0], [wide(100), wide(300), wide(500),
-                                                   np.clip((300 - seg.WINDOWS[1][0]) / 1000, 0, 1)], atol=1e-6)
+                                                   np.clip((300 - WINDOWS[1][0]) / 1000, 0, 1)], atol=1e-6)
     np.testing.assert_allclose(stack[1, 0, 0, 0], wide(0.0), atol=1e-6)  # clamped at the first slice
     np.testing.assert_allclose(stack[2, 2, 0, 0], wide(700.0), atol=1e-6)  # clamped at the last slice
-    half = seg.channel_stack(hu, 1.0, [4])
+    half = channel_stack(hu, 1.0, [4])
     np.testing.assert_allclose(half[0, 0, 0, 0], wide(150.0), atol=1e-6)  # 4 - 2.5 = 1.5 -> 150 HU
 
 
@@ -112,7 +127,7 @@ def test_network_grid_keeps_physical_positions_for_any_orientation():
     case = _column_case("synthetic_0")
     ras = io.reorient(case.labels, "RAS")
     assert np.allclose(ras.direction, flip)
-    grid = seg.to_network_grid(ras, labels=True)
+    grid = to_network_grid(ras, labels=True)
     assert np.allclose(grid.direction, np.eye(3))
     assert grid.spacing[:2] == (seg.GRID_MM, seg.GRID_MM) and grid.spacing[2] == pytest.approx(2.5)
     back = io.resample_like(grid, ras, labels=True)
@@ -126,7 +141,7 @@ def test_network_grid_keeps_physical_positions_for_any_orientation():
 
 def test_network_grid_of_another_pixel_size_keeps_physical_positions():
     case = _column_case("synthetic_0")
-    fine = seg.to_network_grid(case.labels, labels=True, grid_mm=1.0)
+    fine = to_network_grid(case.labels, labels=True, grid_mm=1.0)
     assert fine.spacing == pytest.approx((1.0, 1.0, 2.5))
     # 64 pixels of 1.5 mm = 96 mm: 96 pixels of 1 mm.
     assert fine.shape[1:] == (96, 96)
@@ -137,15 +152,15 @@ def test_network_grid_of_another_pixel_size_keeps_physical_positions():
     np.testing.assert_array_equal(back.array, case.labels.array)
     for bad in (0.1, 5.0, float("nan"), "a"):
         with pytest.raises(SpineInpaintError, match="segmentation pixel size must be"):
-            seg.to_network_grid(case.ct, grid_mm=bad)
+            to_network_grid(case.ct, grid_mm=bad)
 
 # --- checks and post-processing ------------------------------------------------------------------------
 def test_check_ct_flags_non_ct():
     case = _column_case("synthetic_0")
-    assert seg.check_ct(case.ct) == []
-    assert "constant" in seg.check_ct(case.ct.with_array(np.zeros(case.ct.shape)))[0]
+    assert check_ct(case.ct) == []
+    assert "constant" in check_ct(case.ct.with_array(np.zeros(case.ct.shape)))[0]
     mr = case.ct.with_array(np.random.default_rng(1).uniform(0, 2000, case.ct.shape))
-    assert any("no air" in r for r in seg.check_ct(mr))
+    assert any("no air" in r for r in check_ct(mr))
 
 
 def test_clean_mask_removes_specks_keeps_neighbouring_vertebrae():
@@ -154,7 +169,7 @@ def test_clean_mask_removes_specks_keeps_neighbouring_vertebrae():
     mask[15:25, 20:40, 20:40] = True      # vertebra B, 3 slices (6 mm) away: kept
     mask[30:32, 2:5, 2:5] = True          # speck far away: removed
     mask[5:9, 50:58, 50:58] = True        # rib-like 256 voxels, 10 pixels (20 mm) away: removed
-    kept = seg.clean_mask(mask, (2.0, 2.0, 2.0), min_ml=0.5)
+    kept = clean_mask(mask, (2.0, 2.0, 2.0), min_ml=0.5)
     assert kept[2:12, 20:40, 20:40].all() and kept[15:25, 20:40, 20:40].all()
     assert not kept[30:32, 2:5, 2:5].any() and not kept[5:9, 50:58, 50:58].any()
 
@@ -171,7 +186,7 @@ def test_split_vertebrae_numbers_a_column_through_its_posterior_bridge():
         one_hot = np.zeros(seg.N_CLASSES, np.float32)
         one_hot[seg.CLASS_IDS.index(level)] = 1.0
         scores[:, labels == level] = one_hot[:, None]
-    out = seg.split_vertebrae(mask, scores, case.ct.spacing_zyx, core_mm=5.0)
+    out = split_vertebrae(mask, scores, case.ct.spacing_zyx, core_mm=5.0)
     for level in (27, 28, 29, 30):
         body = labels == level
         assert (out[body] == level).mean() > 0.95, level
@@ -193,7 +208,7 @@ def test_split_vertebrae_does_not_take_a_thick_blob_beside_a_thin_column_for_the
     assert mask[5:55, 30:34, 20:40].sum() > ball.sum()  # the spine is most of the mask
     scores = np.zeros((seg.N_CLASSES,) + mask.shape, np.float32)
     scores[seg.CLASS_IDS.index(29)] = 1.0     # L3 everywhere
-    out = seg.split_vertebrae(mask, scores, spacing)
+    out = split_vertebrae(mask, scores, spacing)
     assert (out[5:55, 30:34, 20:40] == 29).all()  # the column keeps its voxels and the network's level
     assert not out[~mask].any()
 
@@ -202,21 +217,21 @@ def test_number_chain_skips_a_level_only_where_the_votes_say_two_vertebrae_merge
     # Four pieces caudal to cranial voting for chain positions (0 = sacrum and S1, 1 = L5, ...).
     votes = np.zeros((4, 8))
     votes[[0, 1, 2, 3], [1, 2, 3, 4]] = 10.0
-    assert seg.number_chain(votes) == [1, 2, 3, 4]  # consecutive: the best offset
+    assert number_chain(votes) == [1, 2, 3, 4]  # consecutive: the best offset
     # The second piece is L4 and L3 in one (a missed disc); the pieces above vote for L2 and L1.
     merged = np.zeros((4, 8))
     merged[[0, 1, 2, 3], [1, 2, 4, 5]] = 10.0
-    assert seg.number_chain(merged) == [1, 2, 4, 5]
-    assert seg.number_chain(merged, skip_cost=100.0) in ([1, 2, 3, 4], [2, 3, 4, 5])  # no skip: a shift
+    assert number_chain(merged) == [1, 2, 4, 5]
+    assert number_chain(merged, skip_cost=100.0) in ([1, 2, 3, 4], [2, 3, 4, 5])  # no skip: a shift
     # Weak evidence for a skip (0.2 of a piece's votes against a cost of half a piece): none.
     weak = np.zeros((4, 8))
     weak[[0, 1], [1, 2]] = 10.0
     weak[[2, 3], [3, 4]] = 1.0
     weak[[2, 3], [4, 5]] = 1.2
-    assert seg.number_chain(weak) == [1, 2, 3, 4]
+    assert number_chain(weak) == [1, 2, 3, 4]
     # More pieces than levels: the extra ones get no level (position = number of levels).
-    assert seg.number_chain(np.eye(3, 2)) == [0, 1, 2]
-    assert seg.number_chain(np.zeros((0, 5))) == []
+    assert number_chain(np.eye(3, 2)) == [0, 1, 2]
+    assert number_chain(np.zeros((0, 5))) == []
 
 
 def test_directional_flood_costs_match_hand_computed_paths():
@@ -226,14 +241,14 @@ def test_directional_flood_costs_match_hand_computed_paths():
     mask = np.ones((11, 1, 1), bool)
     seeds = np.zeros(mask.shape, np.int32)
     seeds[0], seeds[10] = 1, 2
-    plain = seg.directional_flood(seeds, mask)[:, 0, 0]
+    plain = directional_flood(seeds, mask)[:, 0, 0]
     assert plain[:5].tolist() == [1] * 5 and plain[6:].tolist() == [2] * 5
-    climb = seg.directional_flood(seeds, mask, upward_cost=4)[:, 0, 0]
+    climb = directional_flood(seeds, mask, upward_cost=4)[:, 0, 0]
     assert climb[:2].tolist() == [1, 1] and climb[3:].tolist() == [2] * 8
     with pytest.raises(ValueError, match="upward_cost"):
-        seg.directional_flood(seeds, mask, upward_cost=0)
+        directional_flood(seeds, mask, upward_cost=0)
     with pytest.raises(ValueError, match="upward_cost"):       # refused even with nothing to flood
-        seg.directional_flood(np.zeros_like(seeds), mask, upward_cost=0)
+        directional_flood(np.zeros_like(seeds), mask, upward_cost=0)
 
 
 def test_directional_flood_gives_each_voxel_to_a_nearest_seed():
@@ -251,7 +266,7 @@ def test_directional_flood_gives_each_voxel_to_a_nearest_seed():
     mask[outside] = False
     seeds[outside] = 4                   # a seed outside the mask floods nothing
     for upward_cost in (1, 3):
-        ours = seg.directional_flood(seeds, mask, upward_cost=upward_cost)
+        ours = directional_flood(seeds, mask, upward_cost=upward_cost)
         assert not (ours == 4).any() and not ours[~mask].any()
         # Climbing dearer: costs per voxel entered, so give the reference the same by direction.
         distances = []
@@ -321,10 +336,10 @@ def test_split_vertebrae_keeps_the_articular_process_with_its_own_vertebra():
     process = (labels == 29) & posterior   # L3's lamina and inferior articular process
     spacing = (3.0, 1.5, 1.5)
     # Plain breadth-first flooding hands the process's lower part to L4 across the joint ...
-    plain = seg.split_vertebrae(mask, scores, spacing, core_mm=5.0, contact_erosion=0, upward_cost=1)
+    plain = split_vertebrae(mask, scores, spacing, core_mm=5.0, contact_erosion=0, upward_cost=1)
     assert (plain[process] == 28).sum() >= 50
     # ... the default (no path through the thin contact, climbing dearer) keeps it with L3.
-    out = seg.split_vertebrae(mask, scores, spacing, core_mm=5.0)
+    out = split_vertebrae(mask, scores, spacing, core_mm=5.0)
     assert (out[process] == 29).mean() > 0.99
     assert (out[(labels == 28) & posterior] == 28).mean() > 0.99
     assert (out[mask] == labels[mask]).mean() > 0.99
@@ -341,21 +356,21 @@ def test_split_vertebrae_fill_rejoins_bone_a_lesion_cut_off():
     process = labels == 28
     process[:, :30] = False               # L4's superior articular process
     spacing = (3.0, 1.5, 1.5)
-    alone = seg.split_vertebrae(mask, scores, spacing, core_mm=5.0)
+    alone = split_vertebrae(mask, scores, spacing, core_mm=5.0)
     assert (alone[process] == 29).mean() > 0.9    # reached from L3 only
-    out = seg.split_vertebrae(mask, scores, spacing, core_mm=5.0, fill=lesion)
+    out = split_vertebrae(mask, scores, spacing, core_mm=5.0, fill=lesion)
     assert (out[process] == 28).mean() > 0.99
     assert not out[lesion].any() and not out[~mask].any()   # the lesion itself gets no label
     with pytest.raises(ValueError, match="fill"):
-        seg.split_vertebrae(mask, scores, spacing, fill=lesion[:-1])
+        split_vertebrae(mask, scores, spacing, fill=lesion[:-1])
 
 
 def test_export_vertebra():
     case = _column_case("synthetic_0")
-    l3 = seg.export_vertebra(case.labels, "L3")
+    l3 = export_vertebra(case.labels, "L3")
     assert l3.same_grid(case.labels) and l3.array.sum() == (case.labels.array == 29).sum()
     with pytest.raises(SpineInpaintError, match="T12 is not in the label map"):
-        seg.export_vertebra(case.labels, "T12")
+        export_vertebra(case.labels, "T12")
 
 
 # --- whole-volume inference -----------------------------------------------------------------------------
@@ -366,7 +381,7 @@ def test_non_ct_input_warns_and_returns_empty_flagged_masks(values):
         np.random.default_rng(2).uniform(0, 2000, case.ct.shape).astype(np.float32)
     model = seg.build_network("unet").eval()
     with pytest.warns(UserWarning, match="does not look like CT"):
-        result = seg.segment_volume(case.ct.with_array(array), model=model)
+        result = segment_volume(case.ct.with_array(array), model=model)
     assert result.flags == ["not_ct"] and not result.ok
     assert result.spine.array.sum() == 0 and result.labels.array.sum() == 0
     assert result.spine.same_grid(case.ct)
@@ -381,7 +396,7 @@ def test_segment_volume_returns_masks_on_the_input_grid():
     model = seg.build_network("unet").eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained network may well find no spine
-        result = seg.segment_volume(case.ct, model=model, batch_size=16)
+        result = segment_volume(case.ct, model=model, batch_size=16)
     assert result.spine.same_grid(case.ct) and result.labels.same_grid(case.ct)
     assert result.spine.array.dtype == np.uint8 and set(np.unique(result.spine.array)) <= {0, 1}
     assert not result.labels.array[result.spine.array == 0].any()
@@ -391,13 +406,14 @@ def test_segment_volume_returns_masks_on_the_input_grid():
 def test_segment_volume_with_a_known_lesion_keeps_the_vertebra_it_cut_apart(real_case):
     # Real scan with a destructive lytic L4 lesion through the body and left pedicle (seed 3):
     # without the lesion, L4's left posterior elements lose their path to the body and go to L3.
-    from SpineInpaintLib import lesions, metrics
+    from SpineInpaintLib.data import lesions
+    from SpineInpaintLib.evaluation.metrics import overlap as metrics
 
     ct, labels = real_case
     sim = lesions.simulate_lesion(ct, labels, "L4", "lytic", True, size=0.7, seed=3)
     model, _ = seg.load_model("unet")
-    plain = seg.segment_volume(sim.ct, model=model)
-    guided = seg.segment_volume(sim.ct, model=model, lesion=sim.mask)
+    plain = segment_volume(sim.ct, model=model)
+    guided = segment_volume(sim.ct, model=model, lesion=sim.mask)
     assert np.array_equal(plain.spine.array, guided.spine.array)   # the lesion guides the split only
     outside = sim.mask.array == 0
     truth = (labels.array == 28) & outside
@@ -405,13 +421,13 @@ def test_segment_volume_with_a_known_lesion_keeps_the_vertebra_it_cut_apart(real
     dice_guided = metrics.dice((guided.labels.array == 28) & outside, truth)
     assert dice_guided >= 0.90 and dice_guided >= dice_plain + 0.03, (dice_plain, dice_guided)
     with pytest.raises(SpineInpaintError, match="lesion mask has shape"):
-        seg.segment_volume(sim.ct, model=model, lesion=io.Volume(sim.mask.array[:-1], sim.mask.spacing,
+        segment_volume(sim.ct, model=model, lesion=io.Volume(sim.mask.array[:-1], sim.mask.spacing,
                                                                   sim.mask.origin, sim.mask.direction))
 
 
 def test_segment_volume_rejects_a_non_volume():
     with pytest.raises(SpineInpaintError, match="needs an io.Volume"):
-        seg.segment_volume(np.zeros((4, 4, 4)))
+        segment_volume(np.zeros((4, 4, 4)))
 
 
 class _BoneIsSpine(torch.nn.Module):
@@ -437,13 +453,13 @@ class _BoneIsSpine(torch.nn.Module):
 
 
 def test_predict_grid_runs_the_network_on_the_box_only():
-    grid = seg.to_network_grid(_column_case("synthetic_0").ct)
+    grid = to_network_grid(_column_case("synthetic_0").ct)
     hu, z_spacing = grid.array, grid.spacing[2]
     model = _BoneIsSpine()
-    whole = seg.predict_grid(model, hu, z_spacing, box=(slice(None), slice(None)))
+    whole = predict_grid(model, hu, z_spacing, box=(slice(None), slice(None)))
     assert model.calls[-1][1:] == (seg.IN_CHANNELS, 64, 64)
     assert whole[2].sum() > 0
-    part = seg.predict_grid(model, hu, z_spacing, box=(slice(18, 46), slice(19, 40)), batch_size=5)
+    part = predict_grid(model, hu, z_spacing, box=(slice(18, 46), slice(19, 40)), batch_size=5)
     box = (slice(16, 48), slice(16, 48))  # moved to multiples of 16 (the networks' strides) and grown to them
     assert model.calls[-1][1:] == (seg.IN_CHANNELS, 32, 32)
     assert [c[0] for c in model.calls] == [8] * 4 + [4] + [5] * 7 + [1]  # 36 slices in batches
@@ -452,35 +468,35 @@ def test_predict_grid_runs_the_network_on_the_box_only():
     outside[box] = False
     assert (part[0][:, outside] == 1).all() and not part[1:][:, :, outside].any()
     # A box at the image's edge is padded with air to a multiple of 16; None is the whole slice.
-    edge = seg.predict_grid(model, hu, z_spacing, box=(slice(40, 64), slice(0, 64)))
+    edge = predict_grid(model, hu, z_spacing, box=(slice(40, 64), slice(0, 64)))
     assert model.calls[-1][1:] == (seg.IN_CHANNELS, 32, 64)  # rows 32-63, then 8 rows of air
     np.testing.assert_array_equal(edge[:, :, 32:], whole[:, :, 32:])
-    np.testing.assert_array_equal(seg.predict_grid(model, hu, z_spacing), whole)
+    np.testing.assert_array_equal(predict_grid(model, hu, z_spacing), whole)
 
 
 def test_locate_spine_boxes_the_located_column_with_a_margin_and_a_least_width():
-    grid = seg.to_network_grid(_column_case("synthetic_0").ct)  # bone in rows and columns 20-43
+    grid = to_network_grid(_column_case("synthetic_0").ct)  # bone in rows and columns 20-43
     hu, spacing = grid.array, grid.spacing_zyx
-    assert seg.locate_spine(_BoneIsSpine(), hu, spacing, margin_mm=6.0, min_mm=0.0) == (slice(16, 48),) * 2
-    assert seg.locate_spine(_BoneIsSpine(), hu, spacing, margin_mm=6.0, min_mm=60.0) == (slice(12, 52),) * 2
-    assert seg.locate_spine(_BoneIsSpine(), hu, spacing) == (slice(0, 64),) * 2  # 240 mm > the 96 mm image
+    assert locate_spine(_BoneIsSpine(), hu, spacing, margin_mm=6.0, min_mm=0.0) == (slice(16, 48),) * 2
+    assert locate_spine(_BoneIsSpine(), hu, spacing, margin_mm=6.0, min_mm=60.0) == (slice(12, 52),) * 2
+    assert locate_spine(_BoneIsSpine(), hu, spacing) == (slice(0, 64),) * 2  # 240 mm > the 96 mm image
     # Near the border: grown to the least width, then shifted back inside the image.
     corner = np.full((5, 64, 64), -1000.0, np.float32)
     corner[:, 2:10, 50:60] = 600.0
-    assert seg.locate_spine(_BoneIsSpine(), corner, spacing, margin_mm=0.0, min_mm=30.0) == \
+    assert locate_spine(_BoneIsSpine(), corner, spacing, margin_mm=0.0, min_mm=30.0) == \
         (slice(0, 20), slice(44, 64))
-    assert seg.locate_spine(_BoneIsSpine(), np.full_like(hu, -1000.0), spacing) is None
+    assert locate_spine(_BoneIsSpine(), np.full_like(hu, -1000.0), spacing) is None
 
 
 def test_vnet_on_the_located_spine_matches_whole_slices(real_case):
     # The shipped V-Net (default) runs on the box the shipped U-Net finds: same masks as on whole slices.
-    from SpineInpaintLib import metrics
+    from SpineInpaintLib.evaluation.metrics import overlap as metrics
 
     ct, labels = real_case
     assert seg.DEFAULT_NETWORK == "vnet"
     model, _ = seg.load_model()
-    located = seg.segment_volume(ct, model=model)
-    whole = seg.segment_volume(ct, model=model, locator=None)
+    located = segment_volume(ct, model=model)
+    whole = segment_volume(ct, model=model, locator=None)
     assert located.net == whole.net == "vnet"
     assert "locate" in located.timings and "locate" not in whole.timings
     assert metrics.dice(located.spine.array > 0, whole.spine.array > 0) >= 0.99
@@ -502,7 +518,7 @@ def test_loss_prefers_the_right_answer():
     right.scatter_(1, target.unsqueeze(1), 10.0)
     wrong = torch.full((2, seg.N_CLASSES, 32, 32), -10.0)
     wrong[:, 0] = 10.0
-    loss = seg.segmentation_loss()
+    loss = segmentation_loss()
     assert float(loss(right, target)) < 0.05 < 1.0 < float(loss(wrong, target))
 
 
@@ -511,14 +527,14 @@ def test_boundary_weight_adds_the_spine_mask_s_binary_cross_entropy():
     logits = torch.randn(2, seg.N_CLASSES, 16, 16)
     target = torch.zeros(2, 16, 16, dtype=torch.long)
     target[:, 4:10, 5:12] = 3
-    added = float(seg.segmentation_loss(2.0)(logits, target)) - float(seg.segmentation_loss()(logits, target))
+    added = float(segmentation_loss(2.0)(logits, target)) - float(segmentation_loss()(logits, target))
     # By hand: p(spine) = 1 - softmax(...)[background], mean binary cross-entropy against any vertebra.
     p = 1.0 - torch.softmax(logits.double(), dim=1)[:, 0]
     y = (target > 0).double()
     bce = float(-(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean())
     assert added == pytest.approx(2.0 * bce, rel=1e-4)
     with pytest.raises(SpineInpaintError, match="boundary weight must be >= 0, got -1"):
-        seg.segmentation_loss(-1.0)
+        segmentation_loss(-1.0)
 
 
 def test_folds_partition_cases_and_test_split_stays_out(tiny_cache):
@@ -593,15 +609,15 @@ def test_weights_carry_their_grid_to_segment_volume(tmp_path, monkeypatch):
         probs[0] = 1.0
         return probs
 
-    monkeypatch.setattr(seg, "predict_grid", background_only)
+    monkeypatch.setattr(seg_inference, "predict_grid", background_only)
     case = _column_case("synthetic_0")
     with pytest.warns(UserWarning, match="no spine"):
-        result = seg.segment_volume(case.ct, model=model)
+        result = segment_volume(case.ct, model=model)
     assert seen == [(36, 96, 96)] and result.spine.same_grid(case.ct)
     # Weights without a recorded grid (written before it was recorded) run on the old fixed grid.
     model_old = seg.build_network("unet").eval()
     with pytest.warns(UserWarning, match="no spine"):
-        seg.segment_volume(case.ct, model=model_old)
+        segment_volume(case.ct, model=model_old)
     assert seen[-1] == (36, 64, 64)
 
 
@@ -634,13 +650,13 @@ def test_low_resolution_augmentation_blurs_the_image_only():
     rng = np.random.default_rng(0)
     image = rng.random((4, 64, 64)).astype(np.float32)
     label = (rng.random((1, 64, 64)) > 0.5).astype(np.float32)
-    out = seg.train_transforms(0, low_resolution=1.0).transforms[-1]({"image": image, "label": label})
+    out = train_transforms(0, low_resolution=1.0).transforms[-1]({"image": image, "label": label})
     coarse = np.asarray(out["image"])
     assert coarse.shape == image.shape
     np.testing.assert_array_equal(np.asarray(out["label"]), label)
     # Down-sampling then up-sampling removes fine detail: less variance between neighbouring pixels.
     assert np.abs(np.diff(coarse, axis=-1)).mean() < 0.8 * np.abs(np.diff(image, axis=-1)).mean()
-    assert len(seg.train_transforms(0).transforms) == len(seg.train_transforms(0, 0.3).transforms) - 1
+    assert len(train_transforms(0).transforms) == len(train_transforms(0, 0.3).transforms) - 1
 
 
 def test_cli_train_segmentation_single_process(tiny_cache, tmp_path, capsys):
@@ -696,8 +712,8 @@ def test_intensity_augmentation_remaps_the_image_monotonically_and_keeps_the_lab
     ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32)
     image = np.broadcast_to(ramp, (4, 64, 64)).copy()
     label = (rng.random((1, 64, 64)) > 0.5).astype(np.float32)
-    transforms = seg.train_transforms(0, intensity=1.0).transforms
-    assert len(transforms) == len(seg.train_transforms(0).transforms) + 2
+    transforms = train_transforms(0, intensity=1.0).transforms
+    assert len(transforms) == len(train_transforms(0).transforms) + 2
     gamma, shift = transforms[-2], transforms[-1]
     changed = 0
     for _ in range(5):

@@ -151,19 +151,21 @@ def test_module_cmake_lists_every_script_and_resource():
 
 
 def test_the_extension_ships_the_weights_where_the_library_looks_for_them():
-    # CMake copies SpineInpaintLib/*.py and Resources/**/*.{safetensors,json} side by side into the
-    # scripted-modules folder; the library resolves every weight file as ../Resources/<stage>/.
-    from SpineInpaintLib import detection, gan, segmentation
+    # CMake copies the inference modules and SpineInpaintLib/weights/**/*.{safetensors,json} into the
+    # scripted-modules folder; the library resolves every weight file as SpineInpaintLib/weights/<stage>/.
+    from SpineInpaintLib import detection, segmentation
+    from SpineInpaintLib.inpainting import networks as gan
 
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
-    assert "${_library_source_dir}/SpineInpaintLib/*.py" in text
-    assert "${_library_source_dir}/Resources/*.safetensors" in text and "${_library_source_dir}/Resources/*.json" in text
+    assert "${_library_source_dir}/SpineInpaintLib/pipeline.py" in text
+    assert ("${_library_source_dir}/SpineInpaintLib/weights/*.safetensors" in text
+            and "${_library_source_dir}/SpineInpaintLib/weights/*.json" in text)
     library_parent = REPO
     for path in (segmentation.default_weights("unet"), segmentation.default_weights("vnet"),
                  detection.DEFAULT_WEIGHTS, gan.default_weights_path("wgan-gp", "binary", "generator"),
                  gan.default_weights_path("context", "grey", "generator")):
         assert path.is_file(), path
-        assert path.relative_to(library_parent).parts[0] == "Resources", path
+        assert path.relative_to(library_parent).parts[:2] == ("SpineInpaintLib", "weights"), path
         assert path.with_suffix(".json").is_file(), path
         assert path.stat().st_size < 40 * 2**20, path
 

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SpineInpaintLib import SpineInpaintError, io, labels as labels_mod, surface
+from SpineInpaintLib import SpineInpaintError, surface
+from SpineInpaintLib.core import io
+from SpineInpaintLib.core import labels as labels_mod
+from SpineInpaintLib.data.real import load_real_case
 
 RADIUS = 12.0
 
@@ -297,11 +300,11 @@ def test_real_spine_surfaces_are_printable(spine_labels, tmp_path):
 
 # --- against Slicer ----------------------------------------------------------------------------------
 def test_matches_slicer_closed_surface_export(spine_labels, tmp_path):
-    slicer = pytest.importorskip("slicer")
+    pytest.importorskip("slicer")
     from SpineInpaintLib import mrml
     from Testing.mrml_fixtures import make_mrml_application
 
-    ct, _ = io.load_real_case("totalsegmentator")
+    ct, _ = load_real_case("totalsegmentator")
     app = make_mrml_application()
     try:
         scene = app.scene

@@ -44,7 +44,8 @@ def saveScene(inputPath, outDir):
     """Load the input and the outputs into Slicer's scene (as the module does) and save it."""
     import slicer
 
-    from SpineInpaintLib import io, mrml
+    from SpineInpaintLib import mrml
+    from SpineInpaintLib.core import io
 
     ctNode = mrml.volume_to_node(slicer.mrmlScene, io.read_volume(inputPath), "CT")
     mrml.load_outputs(slicer.mrmlScene, outDir, ctNode)

@@ -20,8 +20,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from . import steps
 
@@ -72,7 +72,7 @@ class StepRunner:
     @staticmethod
     def vertebra_segments(segmentation_node) -> list[str]:
         """Names of the segments that are vertebrae (T1 ... S1, sacrum)."""
-        from SpineInpaintLib import labels
+        from SpineInpaintLib.core import labels
 
         if segmentation_node is None:
             return []
@@ -92,7 +92,8 @@ class StepRunner:
         installed SpineInpaintLib lacks the command) or SpineInpaintError (a segment that cannot be
         exported) before anything starts; nothing is left behind then.
         """
-        from SpineInpaintLib import io, mrml
+        from SpineInpaintLib import mrml
+        from SpineInpaintLib.core import io
 
         if input_node is None:
             raise ValueError("Select an input CT volume first.")

@@ -1,0 +1,73 @@
+"""Metrics: overlap and surface distance, detection AP / FROC, kernel MMD, image quality inside a mask."""
+
+from SpineInpaintLib.evaluation.metrics.boxes import (
+    COCO_IOU_THRESHOLDS,
+    FROC_FPS_PER_IMAGE,
+    FrocResult,
+    average_precision,
+    box_iou,
+    coco_ap,
+    froc,
+)
+from SpineInpaintLib.evaluation.metrics.image import (
+    brats_intensity_range,
+    brats_normalise,
+    inpainting_quality,
+    masked_mae,
+    masked_mse,
+    masked_psnr,
+    masked_ssim,
+)
+from SpineInpaintLib.evaluation.metrics.mmd import (
+    gaussian_kernel,
+    kmmd,
+    median_bandwidth,
+    mmd2_biased,
+    mmd2_unbiased,
+    mmd_permutation_test,
+)
+from SpineInpaintLib.evaluation.metrics.overlap import (
+    VolumeError,
+    assd,
+    dice,
+    dice_per_label,
+    hausdorff_distance,
+    hd95,
+    iou,
+    iou_per_label,
+    surface_distances,
+    volume_error,
+)
+
+__all__ = [
+    "COCO_IOU_THRESHOLDS",
+    "FROC_FPS_PER_IMAGE",
+    "box_iou",
+    "average_precision",
+    "coco_ap",
+    "FrocResult",
+    "froc",
+    "brats_intensity_range",
+    "brats_normalise",
+    "masked_mae",
+    "masked_mse",
+    "masked_psnr",
+    "masked_ssim",
+    "inpainting_quality",
+    "median_bandwidth",
+    "gaussian_kernel",
+    "mmd2_biased",
+    "mmd2_unbiased",
+    "mmd_permutation_test",
+    "kmmd",
+    "iou",
+    "dice",
+    "iou_per_label",
+    "dice_per_label",
+    "surface_distances",
+    "hausdorff_distance",
+    "hd95",
+    "assd",
+    "VolumeError",
+    "volume_error",
+]

@@ -1,0 +1,1 @@
+"""Training: the loop pieces every trainer shares, and one trainer module per stage."""

@@ -1,0 +1,491 @@
+"""Training and evaluation of the segmentation networks (``train segmentation`` / ``evaluate segmentation``).
+
+Data: phantom cases (:func:`SpineInpaintLib.datasets.phantom_case`), the real scans
+(:func:`SpineInpaintLib.datasets.real_case`) and DeepLesion-format folders with our ``Masks_png/``
+extension. Every case is resampled once to the network grid
+(:func:`SpineInpaintLib.segmentation.to_network_grid`, ``--grid-mm``, 1.5 mm by default) and cached as
+``.npy`` under the cache folder (never in git; one grid per folder); training draws 2.5D crops from
+the cached volumes, and the weights record the grid they were trained on.
+
+Splits are by case: the fixed train/val/test split of :func:`SpineInpaintLib.datasets.split_of`
+(test cases are never used here), or ``--folds K --fold k``: the train and val cases together cut
+into K folds by a seeded hash of the case id, fold k validating (the paper's 10-fold cross-validation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core.labels import vertebra_mask
+from SpineInpaintLib.core.runtime import seed_everything
+from SpineInpaintLib.core.weights import load_weights, save_weights
+from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.segmentation import networks as seg
+from SpineInpaintLib.segmentation.inference import (
+    NEIGHBOUR_MM,
+    WINDOWS,
+    channel_stack,
+    to_network_grid,
+)
+
+__all__ = [
+    "train_transforms", "segmentation_loss", "CachedCase", "cache_case", "load_cache", "deeplesion_cases",
+    "fold_of", "assign_splits", "CropSampler", "slice_iou", "train_segmentation",
+]
+
+
+# --- training pieces (MONAI transforms and loss) -------------------------------------------------
+def train_transforms(seed: int = 0, low_resolution: float = 0.0, intensity: float = 0.0):
+    """MONAI augmentation of a 2.5D crop: dict ``{'image': (4, H, W), 'label': (1, H, W)}``.
+
+    Affine jitter (rotation +-10 deg, scale +-10 %, shear), left-right flips (the level of a
+    vertebra does not depend on the side), intensity scale and shift (other scanners' calibration and
+    kernels), Gaussian noise and blur, and (``low_resolution`` > 0, that probability) a coarser scan:
+    the crop down-sampled to 40-100 % of its pixels and back (3-4 mm pixels at most), as thick-slice
+    clinical CT looks on the 1.5 mm grid; and (``intensity`` > 0, that probability each) a strong
+    intensity remapping: a random gamma (0.5-2) and a random monotone histogram shift, one mapping for
+    all four channels, so that a network cannot lean on the phantoms' exact bone and soft-tissue values
+    (real osteopenic bone is dimmer than most phantoms').
+    """
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandHistogramShiftd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSimulateLowResolutiond,
+    )
+
+    keys = ("image", "label")
+    transform = Compose([
+        RandAffined(keys, prob=0.7, rotate_range=np.deg2rad(10.0), scale_range=0.1, shear_range=0.05,
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandScaleIntensityd("image", factors=0.1, prob=0.3),
+        RandShiftIntensityd("image", offsets=0.04, prob=0.3),
+        RandGaussianSmoothd("image", sigma_x=(0.25, 0.8), sigma_y=(0.25, 0.8), prob=0.2),
+        RandGaussianNoised("image", std=0.015, prob=0.3),
+    ] + ([RandSimulateLowResolutiond("image", prob=float(low_resolution), downsample_mode="area",
+                                     upsample_mode="bilinear", zoom_range=(0.4, 1.0))] if low_resolution > 0 else [])
+      + ([RandAdjustContrastd("image", prob=float(intensity), gamma=(0.5, 2.0)),
+          RandHistogramShiftd("image", prob=float(intensity), num_control_points=(5, 10))] if intensity > 0 else []))
+    transform.set_random_state(seed=int(seed) % 2**32)
+    return transform
+
+
+def segmentation_loss(boundary_weight: float = 0.0):
+    """Dice + cross-entropy over the classes (MONAI ``DiceCELoss``) plus a Dice of the binary spine mask,
+    and ``boundary_weight`` times a binary cross-entropy of the spine mask.
+
+    The returned function takes logits (B, C, H, W) and class indices (B, H, W). The binary term
+    (``1 - p(background)`` against any vertebra) weighs the spine mask, the paper's output, beside
+    the harder per-level classes. Dice terms reward a mask that covers its object more than one that
+    stops at its edge (the shipped U-Net's errors are a 1-2 mm rim outside the bone); the binary
+    cross-entropy charges each rim pixel alike, which sharpens the boundary.
+    """
+    import torch
+    import torch.nn.functional as F
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if boundary_weight < 0:
+        raise SpineInpaintError(f"the boundary weight must be >= 0, got {boundary_weight}")
+    # Smoothing 1 (not MONAI's 1e-5): a level absent from a batch and predicted absent scores ~0,
+    # instead of a penalty that depends on how many 1e-9 probabilities add up.
+    multi = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                       smooth_nr=1.0, smooth_dr=1.0)
+    binary = DiceLoss(sigmoid=False, batch=True, smooth_nr=1.0, smooth_dr=1.0)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.long().unsqueeze(1)
+        spine_prob = 1.0 - torch.softmax(logits, dim=1)[:, :1]
+        total = multi(logits, target) + binary(spine_prob, (target > 0).float())
+        if boundary_weight:
+            # log p(spine) - log p(background), stable: the spine's logit of a two-class softmax.
+            spine_logit = torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - logits[:, :1]
+            total = total + boundary_weight * F.binary_cross_entropy_with_logits(spine_logit, (target > 0).float())
+        return total
+
+    return loss
+
+
+# --- cache ---------------------------------------------------------------------------------------------
+class CachedCase:
+    """One case on the network grid: HU (int16, z y x), vertebra ids (uint8) and its description."""
+
+    def __init__(self, folder: Path, info: dict):
+        self.folder = Path(folder)
+        self.info = info
+        self.case_id = info["case_id"]
+        self.source = info.get("source", "")
+        self.z_spacing = float(info["z_spacing"])
+        # Caches written before the grid was recorded hold the then fixed 1.5 mm grid.
+        self.grid_mm = float(info.get("grid_mm", seg.GRID_MM))
+        self._ct = None
+        self._classes = None
+
+    @property
+    def ct(self) -> np.ndarray:
+        if self._ct is None:
+            self._ct = np.load(self.folder / f"{self.case_id}_ct.npy", mmap_mode="r")
+        return self._ct
+
+    @property
+    def classes(self) -> np.ndarray:
+        if self._classes is None:
+            self._classes = seg.ids_to_classes(np.load(self.folder / f"{self.case_id}_labels.npy"))
+        return self._classes
+
+    @property
+    def spine_slices(self) -> np.ndarray:
+        return np.nonzero(self.classes.reshape(self.classes.shape[0], -1).any(axis=1))[0]
+
+
+def cache_case(case: datasets.Case, folder: Path, grid_mm: float = seg.GRID_MM) -> dict:
+    """Resample a case to the network grid (``grid_mm`` pixels) and write ``<id>_ct.npy`` and ``<id>_labels.npy``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = to_network_grid(case.ct, grid_mm=grid_mm)
+    labels = to_network_grid(case.labels, labels=True, grid_mm=grid_mm)
+    vertebrae = np.where(vertebra_mask(labels.array), labels.array, 0).astype(np.uint8)
+    np.save(folder / f"{case.case_id}_ct.npy", np.clip(np.round(ct.array), -1024, 3071).astype(np.int16))
+    np.save(folder / f"{case.case_id}_labels.npy", vertebrae)
+    info = {"case_id": case.case_id, "source": case.source, "seed": int(case.seed),
+            "split": datasets.split_of(case.case_id), "z_spacing": float(ct.spacing[2]),
+            "grid_mm": float(ct.spacing[0]),
+            "shape_zyx": list(ct.shape), "lesion": case.lesion is not None or bool(case.info.get("mask") is not None
+                                                                                  and np.any(case.info["mask"]))}
+    if case.info.get("real_case"):
+        info["real_case"] = case.info["real_case"]
+    (folder / f"{case.case_id}.json").write_text(json.dumps(info))
+    return info
+
+
+def load_cache(folder: Path, grid_mm: float | None = None) -> list[CachedCase]:
+    """Every cached case in ``folder`` (sorted by id).
+
+    With ``grid_mm``, a folder holding cases on another grid is a one-line error (one grid per cache).
+    """
+    folder = Path(folder)
+    cases = []
+    for path in sorted(folder.glob("*.json")):
+        info = json.loads(path.read_text())
+        if "case_id" in info and (folder / f"{info['case_id']}_ct.npy").exists():
+            cases.append(CachedCase(folder, info))
+    if grid_mm is not None:
+        other = sorted({c.grid_mm for c in cases if abs(c.grid_mm - float(grid_mm)) > 1e-6})
+        if other:
+            raise SpineInpaintError(f"{folder} holds cases on a {other[0]:g} mm grid, not {float(grid_mm):g} mm: "
+                                    "use another --cache for this --grid-mm")
+    return cases
+
+
+def deeplesion_cases(root: Path) -> Iterable[datasets.Case]:
+    """Cases from a DeepLesion-format folder: one per series with a ``DL_info.csv`` row and ``Masks_png/``.
+
+    DeepLesion itself has no segmentations; our ``Masks_png/<series>/<slice>.png`` extension
+    (:func:`SpineInpaintLib.datasets.write_deeplesion`) holds the vertebra ids of each slice.
+    """
+    from PIL import Image
+
+    from SpineInpaintLib.data import deeplesion
+
+    root = Path(root)
+    info = root / "DL_info.csv"
+    if not info.exists():
+        raise SpineInpaintError(f"{root} is not a DeepLesion folder: DL_info.csv is missing")
+    seen = set()
+    for record in deeplesion.read_info(info):
+        series = record.series_folder
+        if series in seen:
+            continue
+        seen.add(series)
+        mask_dir = root / "Masks_png" / series
+        if not mask_dir.is_dir():
+            continue
+        ct = deeplesion.load_series_volume(root, record)
+        first, last = record.slice_range
+        masks = np.stack([np.asarray(Image.open(mask_dir / f"{n:03d}.png")) for n in range(first, last + 1)])
+        labels = ct.with_array(masks.astype(np.uint8))
+        case_id = f"deeplesion_{series}"
+        yield datasets.Case(case_id, ct, ct, labels, None, "deeplesion", 0, {"deeplesion_series": series})
+
+
+# --- splits ---------------------------------------------------------------------------------------------
+def fold_of(case_id: str, folds: int, seed: int = 0) -> int:
+    """Fold (0 ... folds-1) of a case: a seeded hash of its id (stable when cases are added)."""
+    digest = hashlib.sha256(f"fold:{seed}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % int(folds)
+
+
+def assign_splits(cases: Sequence[CachedCase], *, folds: int = 0, fold: int = 0, seed: int = 0,
+                  train_cases: Sequence[str] = ()) -> tuple[list[CachedCase], list[CachedCase]]:
+    """(train, val) cases; test-split cases are always left out. ``train_cases`` are forced into training."""
+    usable = [c for c in cases if c.info["split"] != "test" or c.case_id in train_cases]
+    if folds and folds > 1:
+        if not 0 <= fold < folds:
+            raise SpineInpaintError(f"--fold must be in [0, {folds - 1}], got {fold}")
+        val = [c for c in usable if fold_of(c.case_id, folds, seed) == fold and c.case_id not in train_cases]
+    else:
+        val = [c for c in usable if c.info["split"] == "val" and c.case_id not in train_cases]
+    val_ids = {c.case_id for c in val}
+    train = [c for c in usable if c.case_id not in val_ids]
+    return train, val
+
+
+# --- sampling -------------------------------------------------------------------------------------------
+class CropSampler:
+    """Random 2.5D training crops (``crop`` x ``crop`` pixels) with MONAI augmentation.
+
+    Three crops in four are centred near the spine (jittered), the rest anywhere in the slice, so
+    the network also learns to leave ribs, pelvis and contrast alone on the whole slice.
+    """
+
+    def __init__(self, cases: Sequence[CachedCase], crop: int = 160, seed: int = 0, augment: bool = True,
+                 real_weight: float = 1.0, low_resolution: float = 0.0, intensity: float = 0.0):
+        if not cases:
+            raise SpineInpaintError("no training cases")
+        self.cases = list(cases)
+        self.crop = int(crop)
+        self.rng = np.random.default_rng(seed)
+        self.augment = augment
+        self.transform = train_transforms(seed, low_resolution, intensity) if augment else None
+        # Cases are drawn in proportion to their spine slices; real scans (few, but the anatomy the
+        # phantoms only approximate) can be drawn ``real_weight`` times as often.
+        weights = np.array([len(c.spine_slices) * (real_weight if c.source == "real" else 1.0)
+                            for c in self.cases], float)
+        self.weights = weights / weights.sum()
+
+    def _crop_at(self, case: CachedCase, z: int, centre: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The 2.5D input and class target of a ``crop`` square centred at ``centre`` (padded with air)."""
+        n, rows, cols = case.ct.shape
+        offset = NEIGHBOUR_MM / case.z_spacing
+        z0, z1 = max(0, int(np.floor(z - offset))), min(n - 1, int(np.ceil(z + offset)))
+        r0, c0 = centre[0] - self.crop // 2, centre[1] - self.crop // 2
+        rr = slice(max(0, r0), max(0, min(rows, r0 + self.crop)))
+        cc = slice(max(0, c0), max(0, min(cols, c0 + self.crop)))
+        hu = np.full((z1 - z0 + 1, self.crop, self.crop), -1024, np.int16)
+        target = np.zeros((self.crop, self.crop), np.uint8)
+        dst = (slice(rr.start - r0, rr.stop - r0), slice(cc.start - c0, cc.stop - c0))
+        hu[(slice(None),) + dst] = case.ct[z0:z1 + 1, rr, cc]
+        target[dst] = case.classes[z, rr, cc]
+        return channel_stack(hu, case.z_spacing, [z - z0])[0], target
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        case = self.cases[self.rng.choice(len(self.cases), p=self.weights)]
+        slices = case.spine_slices
+        z = int(self.rng.choice(slices)) if self.rng.random() < 0.95 or slices.size == 0 else \
+            int(self.rng.integers(case.ct.shape[0]))
+        target = case.classes[z]
+        if self.rng.random() < 0.75 and target.any():
+            rows, cols = np.nonzero(target)
+            centre = (int(rows.mean() + self.rng.normal(0, 15)), int(cols.mean() + self.rng.normal(0, 15)))
+        else:
+            centre = (int(self.rng.integers(target.shape[0])), int(self.rng.integers(target.shape[1])))
+        image, label = self._crop_at(case, z, centre)
+        if self.transform is not None:
+            out = self.transform({"image": image, "label": label[None]})
+            image, label = np.asarray(out["image"]), np.asarray(out["label"])[0]
+        return image.astype(np.float32), np.rint(label).astype(np.int64)
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self.sample() for _ in range(size)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def slice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, int, int]:
+    """Pooled pixel counts for the IoU curves: (intersection, union, true negatives, pixels).
+
+    The spine IoU of a set of slices is intersection / union; the paper's Keras-style 2-class mean
+    IoU is the mean of that and the background IoU, tn / (pixels - intersection).
+    """
+    pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
+    inter = int(np.count_nonzero(pred & truth))
+    union = int(np.count_nonzero(pred | truth))
+    return inter, union, int(pred.size - union), int(pred.size)
+
+
+def _iou_values(counts: np.ndarray) -> tuple[float, float]:
+    inter, union, tn, total = (float(v) for v in counts)
+    fg = inter / union if union else 1.0
+    bg = tn / (total - inter) if total - inter else 1.0
+    return fg, 0.5 * (fg + bg)
+
+
+def _val_batches(cases: Sequence[CachedCase], per_case: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed validation crops: ``per_case`` evenly spaced spine slices per case, centred on the spine."""
+    images, targets = [], []
+    for case in cases:
+        slices = case.spine_slices
+        if slices.size == 0:
+            continue
+        sampler = CropSampler([case], crop=crop, augment=False)
+        for z in slices[np.linspace(0, slices.size - 1, min(per_case, slices.size)).round().astype(int)]:
+            rows, cols = np.nonzero(case.classes[z])
+            image, target = sampler._crop_at(case, int(z), (int(rows.mean()), int(cols.mean())))
+            images.append(image)
+            targets.append(target.astype(np.int64))
+    if not images:
+        return np.zeros((0, seg.IN_CHANNELS, crop, crop), np.float32), np.zeros((0, crop, crop), np.int64)
+    return np.stack(images), np.stack(targets)
+
+
+def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, steps_per_epoch: int = 50,
+                       batch_size: int = 8, crop: int = 160, lr: float = 2e-3, seed: int = 0, folds: int = 0,
+                       fold: int = 0, train_cases: Sequence[str] = (), exclude: Sequence[str] = (),
+                       max_steps: int | None = None, device: str = "auto", resume: bool = True,
+                       val_per_case: int = 12, export: Path | None = None, threads: int | None = None,
+                       progress: bool = True, data_note: str = "", phantom_seeds: tuple[int, int] | None = None,
+                       healthy_fraction: float = 0.3, real: Sequence[str] = (), real_weight: float = 1.0,
+                       init: Path | None = None, low_resolution: float = 0.0, intensity: float = 0.0,
+                       boundary_weight: float = 0.0, grid_mm: float = seg.GRID_MM) -> dict:
+    """Train one network on the cached cases; returns a summary (last epoch's metrics, paths).
+
+    Writes ``out/checkpoint.pt`` every epoch (resumed from when present and ``resume``),
+    ``out/metrics.csv`` (epoch, train/val loss, train/val spine IoU and 2-class mean IoU, lr, seconds),
+    ``out/curves.png`` (the paper's Figure 4 layout: loss and IoU per epoch) and
+    ``out/<net>.safetensors`` + JSON metadata at the end (also to ``export`` when given).
+    ``init`` starts a fresh run from existing weights (fine-tuning; ignored when resuming), and
+    ``real_weight`` draws real-scan cases that many times as often as their slice count says, and
+    ``low_resolution`` and ``intensity`` are the probabilities of the coarse-scan and the strong intensity
+    augmentations (:func:`seg.train_transforms`);
+    ``boundary_weight`` weighs a binary cross-entropy of the spine mask in the loss
+    (:func:`seg.segmentation_loss`). ``grid_mm`` is the pixel size of the cached cases (checked) and is
+    recorded in the weights' ``preprocessing``. Under ``torchrun`` each process draws its own crops and DDP
+    averages the gradients; only rank 0 writes.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from SpineInpaintLib.training import loop as training
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    ctx = training.init_distributed(device)
+    seed = seed_everything(seed)
+    out = Path(out)
+    grid_mm = seg.check_grid(grid_mm)
+    cases = [c for c in load_cache(cache, grid_mm) if c.case_id not in set(exclude)]
+    if not cases:
+        raise SpineInpaintError(f"no cached cases in {cache} (run with --phantoms N or --deeplesion DIR)")
+    train_cases_, val_cases = assign_splits(cases, folds=folds, fold=fold, seed=seed, train_cases=train_cases)
+    if not train_cases_:
+        raise SpineInpaintError("no training cases after the split (add cases or change --folds/--fold)")
+    network = seg.build_network(net)
+    if init is not None and not (resume and (out / "checkpoint.pt").exists()):
+        load_weights(network, init)
+    model = ctx.wrap(network)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = segmentation_loss(boundary_weight)
+    checkpoint = out / "checkpoint.pt"
+    start_epoch, resumed = 1, False
+    if resume and checkpoint.exists():
+        state = training.load_checkpoint(checkpoint, models={"net": model}, optimizers={"opt": optimizer})
+        start_epoch, resumed = state["epoch"] + 1, True
+        if state["seed"] != seed:
+            raise SpineInpaintError(f"{checkpoint} was trained with seed {state['seed']}, not {seed}: "
+                                    "use the same --seed or a new --out")
+    log = training.MetricsLog(out / "metrics.csv", resume_epoch=start_epoch - 1 if resumed else 0) \
+        if ctx.is_main else None
+    val_x, val_y = _val_batches(val_cases, val_per_case, max(crop, 192))
+    steps_done = (start_epoch - 1) * steps_per_epoch
+    summary: dict = {}
+    for epoch in range(start_epoch, epochs + 1):
+        if max_steps is not None and steps_done >= max_steps:
+            break
+        # Seeds per (epoch, rank): a resumed run draws the same crops as an uninterrupted one.
+        sampler = CropSampler(train_cases_, crop=crop, seed=seed * 100_003 + epoch * 101 + ctx.rank,
+                              real_weight=real_weight, low_resolution=low_resolution, intensity=intensity)
+        current_lr = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, epochs)))
+        for group in optimizer.param_groups:
+            group["lr"] = current_lr
+        model.train()
+        t0 = time.perf_counter()
+        losses, counts = [], np.zeros(4)
+        steps = steps_per_epoch if max_steps is None else min(steps_per_epoch, max_steps - steps_done)
+        bar = tqdm(range(steps), desc=f"{net} epoch {epoch}/{epochs}", unit="step", disable=not (progress and ctx.is_main))
+        for _ in bar:
+            x, y = sampler.batch(batch_size)
+            x, y = torch.from_numpy(x).to(ctx.device), torch.from_numpy(y).to(ctx.device)
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.item()))
+            pred = (logits.argmax(1) > 0).cpu().numpy()
+            counts += slice_iou(pred, y.cpu().numpy() > 0)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            steps_done += 1
+        train_loss = ctx.all_reduce_mean(float(np.mean(losses)))
+        train_iou, train_miou = (ctx.all_reduce_mean(v) for v in _iou_values(counts))
+        val_loss, val_iou, val_miou = float("nan"), float("nan"), float("nan")
+        if len(val_x) and ctx.is_main:
+            model.eval()
+            vl, vcounts = [], np.zeros(4)
+            with torch.inference_mode():
+                for s in range(0, len(val_x), 8):
+                    x = torch.from_numpy(val_x[s:s + 8]).to(ctx.device)
+                    y = torch.from_numpy(val_y[s:s + 8]).to(ctx.device)
+                    logits = training.unwrap(model)(x)
+                    vl.append(float(loss_fn(logits, y).item()) * len(x))
+                    vcounts += slice_iou((logits.argmax(1) > 0).cpu().numpy(), val_y[s:s + 8] > 0)
+            val_loss = float(np.sum(vl) / len(val_x))
+            val_iou, val_miou = _iou_values(vcounts)
+        if ctx.is_main:
+            log.append(epoch=epoch, train_loss=train_loss, val_loss=val_loss, train_iou=train_iou, val_iou=val_iou,
+                       train_mean_iou_2class=train_miou, val_mean_iou_2class=val_miou, lr=current_lr,
+                       seconds=time.perf_counter() - t0, steps=steps_done, seed=seed, world_size=ctx.world_size)
+            training.save_checkpoint(checkpoint, epoch=epoch, models={"net": model}, optimizers={"opt": optimizer},
+                                     seed=seed, extra={"net": net, "steps": steps_done})
+            training.plot_curves(out / "metrics.csv", out / "curves.png",
+                                 [("loss", ["train_loss", "val_loss"]), ("IoU (spine)", ["train_iou", "val_iou"])],
+                                 title=f"{net}: loss and IoU per epoch (cf. Miao et al. Fig. 4)")
+            summary = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "train_iou": train_iou,
+                       "val_iou": val_iou, "train_mean_iou_2class": train_miou, "val_mean_iou_2class": val_miou}
+        ctx.barrier()
+    if ctx.is_main:
+        meta = {
+            "architecture": {"net": net, "in_channels": seg.IN_CHANNELS, "out_channels": seg.N_CLASSES,
+                             "parameters": seg.count_parameters(training.unwrap(model)),
+                             "monai_class": "UNet" if net == "unet" else "VNet (3x3 convolutions, 16-channel head)"},
+            "preprocessing": {"orientation": "LPS", "grid_mm": grid_mm, "neighbour_mm": NEIGHBOUR_MM,
+                              "windows_hu": [list(w) for w in WINDOWS],
+                              "input": "slice below, slice, slice above (wide window), slice (bone window)"},
+            "classes": {str(i): int(v) for i, v in enumerate(seg.CLASS_IDS)},
+            "training": {"seed": seed, "epochs": summary.get("epoch"), "steps": steps_done,
+                         "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "crop": crop, "lr": lr,
+                         "world_size": ctx.world_size, "folds": folds, "fold": fold if folds else None,
+                         "train_cases": [c.case_id for c in train_cases_], "val_cases": [c.case_id for c in val_cases],
+                         "data": data_note, "phantom_seeds": list(phantom_seeds) if phantom_seeds else None,
+                         "healthy_fraction": healthy_fraction, "real_in_training": list(real),
+                         "real_weight": real_weight, "init": str(init) if init else None,
+                         "low_resolution_augmentation": low_resolution,
+                         "intensity_augmentation": intensity, "boundary_weight": boundary_weight},
+            "metrics_last_epoch": summary,
+        }
+        weights = save_weights(model, out / f"{net}.safetensors", meta)
+        summary["weights"] = str(weights)
+        if export:
+            import shutil
+
+            export = Path(export)
+            export.mkdir(parents=True, exist_ok=True)
+            for path in (weights, weights.with_suffix(".json")):
+                shutil.copy2(path, export / path.name)
+            for name, target in (("metrics.csv", f"{net}_metrics.csv"), ("curves.png", f"{net}_curves.png")):
+                if (out / name).exists():
+                    shutil.copy2(out / name, export / target)
+    ctx.close()
+    return summary
