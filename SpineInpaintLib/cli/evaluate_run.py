@@ -34,6 +34,7 @@ from SpineInpaintLib.evaluation.restore import evaluate_restore
 from SpineInpaintLib.evaluation.segmentation import (
     PAPER_TABLE_I,
     evaluate_cases,
+    format_case,
     format_table_i,
     held_out_phantoms,
     summarise,
@@ -99,10 +100,12 @@ def run_evaluate_segmentation(args: argparse.Namespace) -> int:
         case = datasets.phantom_case(seed_, lesion_types=None if healthy else ("lytic", "sclerotic", "mixed"))
         for net in nets:
             records[net] += evaluate_cases(models[net], [case], net=net)
+            print(format_case(net, records[net][-1]), flush=True)
     for name in real:
         case = datasets.real_case(name, lesion_types=None)
         for net in nets:
             real_records[net] += evaluate_cases(models[net], [case], net=net)
+            print(format_case(net, real_records[net][-1]), flush=True)
     for net in nets:
         summary = summarise(records[net])
         report[net] = {"phantom_test": summary, "phantom_cases": records[net], "real": real_records[net],

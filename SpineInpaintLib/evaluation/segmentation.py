@@ -14,7 +14,7 @@ from SpineInpaintLib.segmentation import inference as seg
 from SpineInpaintLib.segmentation.networks import NETWORKS
 from SpineInpaintLib.training.segmentation import _iou_values, slice_iou
 
-__all__ = ["PAPER_TABLE_I", "evaluate_cases", "evaluate_case", "summarise", "format_table_i", "plot_figure4"]
+__all__ = ["PAPER_TABLE_I", "evaluate_cases", "format_case", "evaluate_case", "summarise", "format_table_i", "plot_figure4"]
 
 #: Table I of Miao et al.: loss and IoU on the training and validation sets.
 PAPER_TABLE_I = {
@@ -55,17 +55,15 @@ def evaluate_case(result: seg.SegmentationResult, case: datasets.Case) -> dict:
             "seconds": result.timings.get("total"), "flags": result.flags}
 
 
-def evaluate_cases(model, cases: Iterable[datasets.Case], *, net: str, progress: bool = True) -> list[dict]:
+def evaluate_cases(model, cases: Iterable[datasets.Case], *, net: str) -> list[dict]:
     """:func:`evaluate_case` for every case, segmenting each with ``model``."""
-    records = []
-    for case in cases:
-        result = seg.segment_volume(case.ct, net, model=model)
-        record = evaluate_case(result, case)
-        records.append(record)
-        if progress:
-            print(f"  {net} {case.case_id}: 3D IoU {record['iou_3d']:.4f}  Dice {record['dice_3d']:.4f}  "
-                  f"slice 2-class mIoU {record['slice_mean_iou_2class']:.4f}  ({record['seconds']:.1f} s)", flush=True)
-    return records
+    return [evaluate_case(seg.segment_volume(case.ct, net, model=model), case) for case in cases]
+
+
+def format_case(net: str, record: dict) -> str:
+    """One line of a case's scores, as ``evaluate segmentation`` prints it."""
+    return (f"  {net} {record['case_id']}: 3D IoU {record['iou_3d']:.4f}  Dice {record['dice_3d']:.4f}  "
+            f"slice 2-class mIoU {record['slice_mean_iou_2class']:.4f}  ({record['seconds']:.1f} s)")
 
 
 def _mean(values: Iterable[float]) -> float:
