@@ -17,6 +17,7 @@ import numpy as np
 
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core.files import atomic_write
+from SpineInpaintLib.core.plotting import pyplot
 
 __all__ = ["RENDER_BACKENDS", "vtk_offscreen_window", "render_surfaces_to_array", "render_surfaces"]
 
@@ -256,10 +257,7 @@ def _triangle_arrays(polydata, budget: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _render_matplotlib(items: Sequence[_Item], size: tuple[int, int], view: str) -> np.ndarray:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     total = sum(item.polydata.GetNumberOfPolys() for item in items)

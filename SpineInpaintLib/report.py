@@ -29,6 +29,7 @@ from SpineInpaintLib.core import io
 from SpineInpaintLib.core import labels as _labels
 from SpineInpaintLib.core.files import atomic_write
 from SpineInpaintLib.core.io import Volume
+from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.render import _BACKGROUND, render_surfaces_to_array
 
 __all__ = ["BONE_WINDOW", "report_figure", "plot_orthogonal_views"]
@@ -160,10 +161,7 @@ def report_figure(
     SpineInpaintError
         Volumes on different grids.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     for name, other in (("restored CT", after_ct), ("lesion mask", lesion_mask),
                         ("labels after", labels_after), ("labels before", labels_before)):
@@ -250,10 +248,7 @@ def plot_orthogonal_views(ct: Volume, labels: Volume | None, path: Path, title: 
     Slices go through the centroid of the vertebra labels, or the volume centre without labels;
     each view is drawn with its physical aspect ratio (the demo's picture).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     # Radiological display whatever the file's orientation: anterior up, patient left on the right.
     ct = io.reorient(ct, "LPS")
@@ -279,8 +274,4 @@ def plot_orthogonal_views(ct: Volume, labels: Volume | None, path: Path, title: 
         ax.axis("off")
     fig.suptitle(title or "CT (W1400/L300) with vertebra labels")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

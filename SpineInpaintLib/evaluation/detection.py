@@ -10,6 +10,7 @@ import numpy as np
 
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core import io
+from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.data import cases as datasets
 from SpineInpaintLib.detection import inference as det
 from SpineInpaintLib.evaluation.metrics.boxes import box_iou, froc
@@ -265,10 +266,7 @@ def format_evaluation(result: dict) -> str:
 # --- figures ----------------------------------------------------------------------------------------
 def plot_froc(result: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
     """FROC curves of the detectors of one evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, (fps, sens) in curves.items():
@@ -283,20 +281,13 @@ def plot_froc(result: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], pa
     ax.legend(loc="lower right")
     ax.set_title(f"held-out slices: {result['slices']}")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_examples(images: np.ndarray, truth: list, predictions: dict[str, tuple[list, list]],
                   meta: list[dict], path: Path, *, n: int = 6, seed: int = 0, threshold: float = 0.5) -> Path:
     """Held-out slices with the true box (green) and each detector's boxes above ``threshold``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rng = np.random.default_rng(seed)
     pos = [i for i, t in enumerate(truth) if len(t)]
@@ -326,8 +317,4 @@ def plot_examples(images: np.ndarray, truth: list, predictions: dict[str, tuple[
         ax.axis("off")
     fig.suptitle("green: truth; " + ", ".join(f"{c}: {n}" for c, n in zip(colours, predictions)), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -9,17 +9,11 @@ import numpy as np
 
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core.io import Volume
+from SpineInpaintLib.core.plotting import pyplot, save_figure
 
 __all__ = ["lps_oriented", "phantom_vs_real"]
 
 
-def _agg():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def lps_oriented(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float]]:
@@ -100,7 +94,7 @@ def phantom_vs_real(path: str | os.PathLike, phantom, real_ct: Volume, real_labe
     real_ct, real_labels
         The real scan and, optionally, its vertebra labels.
     """
-    plt = _agg()
+    plt = pyplot()
     rows = []
     ph_center = _level_center(phantom.labels, phantom.ct, level)
     re_center = _level_center(real_labels, real_ct, level)
@@ -130,8 +124,4 @@ def phantom_vs_real(path: str | os.PathLike, phantom, real_ct: Volume, real_labe
                     ax.set_title(view, fontsize=11)
             r += 1
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi, facecolor="white")

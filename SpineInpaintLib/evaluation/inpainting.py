@@ -15,6 +15,7 @@ from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core import io
 from SpineInpaintLib.core.files import atomic_write
 from SpineInpaintLib.core.labels import spine_mask
+from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.data.cases import case_seeds
 from SpineInpaintLib.evaluation.metrics.image import inpainting_quality
 from SpineInpaintLib.evaluation.metrics.mmd import kmmd
@@ -369,10 +370,7 @@ def figure6_check(methods: Sequence[str], *, n_crops: int = 48, steps: int = 200
 
 
 def _figure6_png(check: dict, path, n: int = 8) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(check["results"])
     rows = ["input (16x16 hole)"] + methods + ["original"]
@@ -388,15 +386,11 @@ def _figure6_png(check: dict, path, n: int = 8) -> None:
                 axes[i, j].set_ylabel(rows[i], fontsize=7)
     fig.suptitle("Figure 6 check: 16x16 holes on healthy held-out crops", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _examples_png(examples: dict, methods: Sequence[str], path, n: int = 3) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(examples)[:n]
     cols = ["input"] + list(methods) + ["truth"]
@@ -416,8 +410,7 @@ def _examples_png(examples: dict, methods: Sequence[str], path, n: int = 3) -> N
                 axes[i, j].set_title(cols[j], fontsize=7)
     fig.suptitle("destructive lesions (red: the hole), largest slice", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def gan_table(models: ModelCache, healthy: np.ndarray, seed: int = 0, n: int = 500) -> dict:
@@ -445,10 +438,7 @@ def gan_table(models: ModelCache, healthy: np.ndarray, seed: int = 0, n: int = 5
 
 def gan_samples_png(models: ModelCache, healthy: np.ndarray, path, seed: int = 0, n: int = 12) -> None:
     """One row of samples per shipped GAN (binary), and a row of held-out healthy crops."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from SpineInpaintLib.inpainting import networks as gan
 
@@ -470,8 +460,7 @@ def gan_samples_png(models: ModelCache, healthy: np.ndarray, path, seed: int = 0
         axes[i, 0].set_ylabel(name, fontsize=7)
     fig.suptitle("64x64 binary samples of the shipped GANs (no threshold) and real held-out crops", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def format_summary(result: dict) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 
 from SpineInpaintLib.core import io
 from SpineInpaintLib.core.labels import spine_mask
+from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.data import cases as datasets
 from SpineInpaintLib.segmentation import inference as seg
 from SpineInpaintLib.segmentation.networks import NETWORKS
@@ -126,10 +127,7 @@ def plot_figure4(csv_paths: dict[str, Path], png: Path, *, example: tuple[io.Vol
     """
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = 3 if example is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
@@ -160,8 +158,4 @@ def plot_figure4(csv_paths: dict[str, Path], png: Path, *, example: tuple[io.Vol
         axes[2].axis("off")
     fig.suptitle("Spine segmentation on CPU: loss and IoU per epoch (cf. Miao et al., Fig. 4)")
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, dpi=100)

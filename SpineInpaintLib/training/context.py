@@ -34,6 +34,7 @@ from SpineInpaintLib.training.gan import (
     load_crop_dataset,
     save_sample_grid,
 )
+from SpineInpaintLib.training.loop import RunControl
 
 __all__ = ["ContextTrainConfig", "train_context"]
 
@@ -42,7 +43,7 @@ __all__ = ["ContextTrainConfig", "train_context"]
 # Training: the context generator
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class ContextTrainConfig:
+class ContextTrainConfig(RunControl):
     """Settings of :func:`train_context`.
 
     Loss: L1 (grey) or binary cross-entropy (binary) weighted ``hole_weight`` inside the hole and 1
@@ -65,13 +66,7 @@ class ContextTrainConfig:
     gp_lambda: float = 10.0
     sim_hole_fraction: float = 0.6
     max_shift: int = 3
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    max_minutes: float | None = None
-    threads: int | None = None
     export: str | None = None
-    progress: bool = True
 
 
 def _context_batch(data: CropDataset, kind: str, rng: np.random.Generator, n: int, sim_fraction: float,

@@ -64,6 +64,7 @@ from SpineInpaintLib.detection.networks import (
 )
 from SpineInpaintLib.evaluation.metrics.boxes import coco_ap, froc
 from SpineInpaintLib.training import loop as training
+from SpineInpaintLib.training.loop import RunControl
 
 __all__ = [
     "CACHE_SIZE", "MIN_BOX_MM", "SampleSet", "boxes_from_instances", "samples_from_case", "samples_from_deeplesion",
@@ -423,7 +424,7 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, si
 
 # --- training ---------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(RunControl):
     """Settings of :func:`train_detector` (recorded in the outputs)."""
 
     arch: str = "retinanet"
@@ -442,12 +443,6 @@ class TrainConfig:
     batch_size: int = 8
     lr: float | None = None
     positive_fraction: float = 0.6
-    seed: int = 0
-    resume: bool = False
-    device: str = "auto"
-    threads: int | None = None
-    max_minutes: float | None = None
-    progress: bool = True
     init: str | None = None
     box_loss: str = "smooth_l1"
     ema: float = 0.0

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.core.runtime import seed_everything
 from SpineInpaintLib.core.weights import save_weights
 from SpineInpaintLib.evaluation.metrics.mmd import kmmd
@@ -31,6 +32,7 @@ from SpineInpaintLib.inpainting.networks import (
     sample,
 )
 from SpineInpaintLib.training import loop as training
+from SpineInpaintLib.training.loop import RunControl
 
 __all__ = [
     "gradient_penalty", "phantom_overrides", "build_crop_cache", "load_crop_dataset", "save_sample_grid",
@@ -168,10 +170,7 @@ def load_crop_dataset(root: Path, splits: Sequence[str] = ("train",)) -> CropDat
 
 def save_sample_grid(images: np.ndarray, path: Path, *, ncol: int = 8, title: str = "") -> Path:
     """Save up to ``ncol`` x ``ncol`` images (N, H, W) in [0, 1] as one grey PNG grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     images = np.asarray(images)[: ncol * ncol]
     nrow = int(math.ceil(len(images) / ncol))
@@ -186,17 +185,14 @@ def save_sample_grid(images: np.ndarray, path: Path, *, ncol: int = 8, title: st
     ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9, y=0.995)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
 # Training: the three GANs
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class GANTrainConfig:
+class GANTrainConfig(RunControl):
     """Settings of :func:`train_gan` (defaults: the papers' settings at a CPU-sized width).
 
     ``epochs`` x ``iters_per_epoch`` generator iterations; a checkpoint, a metrics row and a
@@ -218,13 +214,7 @@ class GANTrainConfig:
     lr: float | None = None
     betas: tuple[float, float] | None = None
     gp_lambda: float = 10.0
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    max_minutes: float | None = None
-    threads: int | None = None
     export: str | None = None
-    progress: bool = True
 
     def resolved(self) -> GANTrainConfig:
         """A copy with the model's paper defaults filled in."""

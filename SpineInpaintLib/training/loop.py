@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -13,10 +14,28 @@ import numpy as np
 import torch
 
 from SpineInpaintLib.core.files import atomic_write
+from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.core.runtime import resolve_device
 from SpineInpaintLib.core.weights import unwrap
 
-__all__ = ["DistributedContext", "init_distributed", "save_checkpoint", "load_checkpoint", "MetricsLog", "plot_curves"]
+__all__ = ["RunControl", "DistributedContext", "init_distributed", "save_checkpoint", "load_checkpoint", "MetricsLog", "plot_curves"]
+
+
+@dataclasses.dataclass
+class RunControl:
+    """How a training run runs, apart from what it learns; every trainer's config starts with these.
+
+    ``seed`` seeds everything (and is recorded in every output); ``device`` is ``auto``, ``cpu`` or
+    ``cuda``; ``resume`` continues from the run folder's last checkpoint; ``max_minutes`` stops
+    cleanly after that wall time; ``threads`` caps torch's CPU threads; ``progress`` shows bars.
+    """
+
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    max_minutes: float | None = None
+    threads: int | None = None
+    progress: bool = True
 
 
 # --- torchrun / DistributedDataParallel -------------------------------------------------------------------
@@ -154,10 +173,7 @@ class MetricsLog:
 
 def plot_curves(csv_path: Path, png_path: Path, panels: Iterable[tuple[str, Iterable[str]]], title: str = "") -> Path:
     """One panel per ``(ylabel, [columns])`` against epoch, from a :class:`MetricsLog` CSV."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     with Path(csv_path).open() as f:
         rows = list(csv.DictReader(f))
@@ -175,7 +191,4 @@ def plot_curves(csv_path: Path, png_path: Path, panels: Iterable[tuple[str, Iter
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return Path(png_path)
+    return save_figure(fig, png_path, dpi=100)
