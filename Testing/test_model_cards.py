@@ -8,7 +8,7 @@ from SpineInpaintLib.core.weights import weights_dir
 from SpineInpaintLib.evaluation import model_cards
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / "docs" / "models"
-REGENERATE = "python -m SpineInpaintLib.evaluation.model_cards docs/models"
+REGENERATE = "python -m SpineInpaintLib cards docs/models"
 
 
 @pytest.mark.parametrize("card", sorted(model_cards.CARDS))

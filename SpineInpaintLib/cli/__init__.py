@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from SpineInpaintLib import SpineInpaintError, __version__
 from SpineInpaintLib.cli.commands import (
     _add_bench,
+    _add_cards,
     _add_demo,
     _add_detect,
     _add_info,
@@ -24,6 +25,7 @@ from SpineInpaintLib.cli.commands import (
     _add_restore,
     _add_segment,
     _run_bench,
+    _run_cards,
     _run_demo,
     _run_detect,
     _run_info,
@@ -68,6 +70,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "restore": ("the whole pipeline: restored CT, labels, lesion mask, STL surfaces and a report", _add_restore,
                 _run_restore),
     "bench": ("time the pipeline's stages on this machine (table + JSON)", _add_bench, _run_bench),
+    "cards": ("render the model cards' metrics blocks (docs/models) from the shipped weights' JSON", _add_cards,
+              _run_cards),
     "train": ("train a stage's network: train <stage> (" + ", ".join(TRAINERS) + ")", _add_train, _run_train),
     "evaluate": ("evaluate a stage's shipped model: evaluate <stage> (" + ", ".join(EVALUATORS) + ")",
                  _add_evaluate, _run_evaluate),

@@ -179,3 +179,12 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 
 
 _run_bench = lazy("SpineInpaintLib.cli.tools_run", "run_bench")
+
+
+# --- cards -------------------------------------------------------------------------------------------
+def _add_cards(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("cards", nargs="?", default="docs/models", help="folder of the cards (default docs/models)")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a card is stale")
+
+
+_run_cards = lazy("SpineInpaintLib.cli.tools_run", "run_cards")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,15 @@ from tqdm import tqdm
 
 from SpineInpaintLib import SpineInpaintError, pipeline
 from SpineInpaintLib.core import io
+from SpineInpaintLib.core.weights import weights_dir
 from SpineInpaintLib.data import cases as datasets
 from SpineInpaintLib.data.lesions import LESION_TYPES
 from SpineInpaintLib.detection import inference as detection
-from SpineInpaintLib.evaluation import bench
+from SpineInpaintLib.evaluation import bench, model_cards
 from SpineInpaintLib.evaluation.demo import DEMO_LESION, DEMO_PHANTOM, demo_case
 from SpineInpaintLib.evaluation.restore import truth_metrics
 
-__all__ = ["restore_demo_case", "run_demo", "run_phantom", "run_bench"]
+__all__ = ["restore_demo_case", "run_demo", "run_phantom", "run_bench", "run_cards"]
 
 
 def restore_demo_case(out: Path, *, detect: bool = False, method: str | None = None) -> int:
@@ -124,4 +126,18 @@ def run_bench(args: argparse.Namespace) -> int:
     result = bench.run_benchmarks(args.names or None)
     print(bench.format_table(result))
     print(f"results: {bench.write_result(result, Path(args.json))}")
+    return 0
+
+
+def run_cards(args: argparse.Namespace) -> int:
+    """``cards``: render the model cards' metrics blocks from the weights' JSON (``--check``: report only)."""
+    cards_dir = Path(args.cards)
+    if args.check:
+        stale = model_cards.stale_cards(cards_dir)
+        for name in stale:
+            print(f"stale model card: {cards_dir / name}", file=sys.stderr)
+        return 1 if stale else 0
+    for name, rel in model_cards.CARDS.items():
+        if model_cards.update_card(cards_dir / name, weights_dir() / rel):
+            print(f"updated {cards_dir / name}")
     return 0

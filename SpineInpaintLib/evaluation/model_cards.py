@@ -7,16 +7,14 @@ So the figures in a card always match the weights they describe.
 
 Regenerate every card from a clone::
 
-    .venv/bin/python -m SpineInpaintLib.evaluation.model_cards docs/models          # rewrite stale blocks
-    .venv/bin/python -m SpineInpaintLib.evaluation.model_cards docs/models --check  # exit 1 if any is stale
+    .venv/bin/python -m SpineInpaintLib cards docs/models          # rewrite stale blocks
+    .venv/bin/python -m SpineInpaintLib cards docs/models --check  # exit 1 if any is stale
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from SpineInpaintLib.core.labels import VERTEBRA_NAMES
@@ -32,7 +30,6 @@ __all__ = [
     "TEXT_KEYS",
     "covered_weights",
     "detection_table",
-    "main",
     "metrics_table",
     "read_block",
     "render_block",
@@ -223,7 +220,7 @@ def render_block(weights_json: Path) -> str:
     weights = weights_json.with_suffix(".safetensors").name
     sha = str(metadata.get("sha256", ""))[:12]
     origin = (f"*Rendered from `SpineInpaintLib/weights/{source}` (weights `{weights}`, sha256 `{sha}...`) by "
-              "`python -m SpineInpaintLib.evaluation.model_cards`; do not edit by hand.*")
+              "`python -m SpineInpaintLib cards`; do not edit by hand.*")
     text = f"{BEGIN}\n{origin}\n\n{metrics_table(metadata)}"
     if source in EVALUATIONS:
         record_path = weights_json.parent.parent / EVALUATIONS[source]
@@ -314,28 +311,3 @@ def stale_cards(cards_dir: Path, root: Path | None = None) -> list[str]:
         if not card.exists() or read_block(card.read_text()) != render_block(root / rel):
             stale.append(name)
     return stale
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Rewrite the stale metrics blocks in a cards folder (``--check``: only report them, exit 1)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m SpineInpaintLib.evaluation.model_cards",
-                                     description="render the model cards' metrics blocks from the weights' JSON")
-    parser.add_argument("cards", nargs="?", default="docs/models", help="folder of the cards (default docs/models)")
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a card is stale")
-    args = parser.parse_args(argv)
-    cards_dir = Path(args.cards)
-    if args.check:
-        stale = stale_cards(cards_dir)
-        for name in stale:
-            print(f"stale model card: {cards_dir / name}", file=sys.stderr)
-        return 1 if stale else 0
-    for name, rel in CARDS.items():
-        if update_card(cards_dir / name, weights_dir() / rel):
-            print(f"updated {cards_dir / name}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
