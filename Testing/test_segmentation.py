@@ -558,11 +558,12 @@ def test_folds_partition_cases_and_test_split_stays_out(tiny_cache):
 # --- training: checkpoints, resume, weights, CLI, torchrun ------------------------------------------------
 def test_train_resume_and_weights_roundtrip(tiny_cache, tmp_path):
     out = tmp_path / "run"
-    kwargs = dict(steps_per_epoch=2, batch_size=2, crop=32, seed=3, threads=1, progress=False, val_per_case=2)
-    first = st.train_segmentation("unet", out, tiny_cache, epochs=1, **kwargs)
+    kwargs = dict(net="unet", out=out, cache=tiny_cache, steps_per_epoch=2, batch_size=2, crop=32, seed=3,
+                  threads=1, progress=False, val_per_case=2)
+    first = st.train_segmentation(st.SegmentationTrainConfig(epochs=1, **kwargs))
     assert first["epoch"] == 1
     # An interrupted run resumes from the epoch-1 checkpoint and only trains epoch 2.
-    second = st.train_segmentation("unet", out, tiny_cache, epochs=2, **kwargs)
+    second = st.train_segmentation(st.SegmentationTrainConfig(epochs=2, **kwargs))
     assert second["epoch"] == 2
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,val_loss,train_iou,val_iou") and len(rows) == 3
@@ -573,15 +574,16 @@ def test_train_resume_and_weights_roundtrip(tiny_cache, tmp_path):
     model, meta2 = seg.load_model("unet", out / "unet.safetensors")
     assert meta2["architecture"]["net"] == "unet"
     with pytest.raises(SpineInpaintError, match="trained with seed 3"):
-        st.train_segmentation("unet", out, tiny_cache, epochs=3, **{**kwargs, "seed": 4})
+        st.train_segmentation(st.SegmentationTrainConfig(epochs=3, **{**kwargs, "seed": 4}))
 
 
 def test_init_starts_from_given_weights_and_records_them(tiny_cache, tmp_path):
-    kwargs = dict(steps_per_epoch=1, batch_size=2, crop=32, seed=3, threads=1, progress=False, val_per_case=2)
-    st.train_segmentation("unet", tmp_path / "a", tiny_cache, epochs=1, **kwargs)
+    kwargs = dict(net="unet", cache=tiny_cache, steps_per_epoch=1, batch_size=2, crop=32, seed=3, threads=1,
+                  progress=False, val_per_case=2)
+    st.train_segmentation(st.SegmentationTrainConfig(out=tmp_path / "a", epochs=1, **kwargs))
     source = tmp_path / "a" / "unet.safetensors"
     # No training step at all: the exported weights are exactly the ones it started from.
-    st.train_segmentation("unet", tmp_path / "b", tiny_cache, epochs=1, max_steps=0, init=source, **kwargs)
+    st.train_segmentation(st.SegmentationTrainConfig(out=tmp_path / "b", epochs=1, max_steps=0, init=source, **kwargs))
     from safetensors.numpy import load_file
 
     a, b = load_file(str(source)), load_file(str(tmp_path / "b" / "unet.safetensors"))
@@ -598,7 +600,8 @@ def test_weights_carry_their_grid_to_segment_volume(tmp_path, monkeypatch):
         info = st.cache_case(_column_case(case_id), cache, grid_mm=1.0)
         assert info["grid_mm"] == 1.0 and info["shape_zyx"] == [36, 96, 96]
     kwargs = dict(steps_per_epoch=1, batch_size=1, crop=32, seed=0, threads=1, progress=False, val_per_case=1)
-    st.train_segmentation("unet", tmp_path / "run", cache, epochs=1, grid_mm=1.0, **kwargs)
+    st.train_segmentation(st.SegmentationTrainConfig(net="unet", out=tmp_path / "run", cache=cache, epochs=1,
+                                                     grid_mm=1.0, **kwargs))
     model, meta = seg.load_model("unet", tmp_path / "run" / "unet.safetensors")
     assert meta["preprocessing"]["grid_mm"] == 1.0 and model.spine_grid_mm == 1.0
     seen = []
@@ -623,7 +626,8 @@ def test_weights_carry_their_grid_to_segment_volume(tmp_path, monkeypatch):
 
 def test_a_cache_of_another_grid_is_refused(tiny_cache, tmp_path, capsys):
     with pytest.raises(SpineInpaintError, match="holds cases on a 1.5 mm grid, not 1 mm"):
-        st.train_segmentation("unet", tmp_path / "run", tiny_cache, epochs=1, grid_mm=1.0, threads=1, progress=False)
+        st.train_segmentation(st.SegmentationTrainConfig(net="unet", out=tmp_path / "run", cache=tiny_cache, epochs=1,
+                                                         grid_mm=1.0, threads=1, progress=False))
     assert not (tmp_path / "run").exists()
     assert all(c.grid_mm == 1.5 for c in st.load_cache(tiny_cache, 1.5))
     # A case cached before the grid was recorded holds the then fixed 1.5 mm grid.

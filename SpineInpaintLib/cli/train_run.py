@@ -20,6 +20,7 @@ from SpineInpaintLib.training.context import ContextTrainConfig, train_context
 from SpineInpaintLib.training.detection import TrainConfig, train_detector
 from SpineInpaintLib.training.gan import GANTrainConfig, build_crop_cache, train_gan
 from SpineInpaintLib.training.segmentation import (
+    SegmentationTrainConfig,
     cache_case,
     deeplesion_cases,
     load_cache,
@@ -118,22 +119,27 @@ def run_train_segmentation(args: argparse.Namespace) -> int:
             + (f"; real scans in training: {', '.join(real)} (labels are TotalSegmentator predictions)" if real else
                "; no real scan in training")
             + (f"; DeepLesion folders: {', '.join(args.deeplesion)}" if args.deeplesion else ""))
-    summary = train_segmentation(
-        args.net, out, cache, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        crop=args.crop, lr=args.lr, seed=args.seed, folds=args.folds, fold=args.fold, train_cases=forced,
-        exclude=excluded, max_steps=args.max_steps, device=args.device, resume=not args.no_resume,
-        val_per_case=getattr(args, "val_slices", 12),
+    summary = train_segmentation(SegmentationTrainConfig(
+        net=args.net, out=out, cache=cache, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed, folds=args.folds, fold=args.fold,
+        train_cases=forced, exclude=excluded, max_steps=args.max_steps, device=args.device,
+        resume=not args.no_resume, val_per_case=getattr(args, "val_slices", 12),
         export=Path(args.export) if args.export else None, threads=args.threads, data_note=note,
         phantom_seeds=phantom_seeds, healthy_fraction=args.healthy_fraction,
         real=real, real_weight=args.real_weight, init=Path(args.init) if args.init else None,
         low_resolution=args.low_resolution, intensity=args.intensity_augment,
-        boundary_weight=args.boundary_weight, grid_mm=grid_mm)
+        boundary_weight=args.boundary_weight, grid_mm=grid_mm))
     if ctx.is_main:
         print(json.dumps(summary, indent=2))
     return 0
 
 
 # --- command line ------------------------------------------------------------------------------------
+def _print_epoch(row: dict) -> None:
+    """One line of JSON per epoch, floats rounded to 6 decimals."""
+    print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
 def run_train_detection(args) -> int:
     """``python -m SpineInpaintLib train detection``."""
     import shutil
@@ -148,7 +154,8 @@ def run_train_detection(args) -> int:
                          threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet,
                          init=args.init, box_loss=args.box_loss, ema=args.ema,
                          small_box_weight=args.small_box_weight, grid_mm=args.grid_mm, crop_size=args.crop_size)
-    summary = train_detector(config)
+    # One JSON row per epoch as it ends (train_detector calls this on the main process only).
+    summary = train_detector(config, on_epoch=_print_epoch)
     print(json.dumps(summary, indent=2))
     which = args.export_weights
     if args.export and (Path(out) / f"{which}.safetensors").exists():

@@ -572,8 +572,12 @@ def score_detections(boxes: list, scores: list, truth: list,
     return out
 
 
-def train_detector(config: TrainConfig) -> dict:
-    """Train one detector (see the module notes); returns a summary (best validation AP, paths, time)."""
+def train_detector(config: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train one detector (see the module notes); returns a summary (best validation AP, paths, time).
+
+    ``on_epoch``, when given, receives each epoch's metrics row (the one written to ``metrics.csv``:
+    epoch, losses, lr, train_s, val_ap50, val_ap50_95, val_froc@1) on the main process, as the epoch ends.
+    """
     if config.arch not in ARCHITECTURES:
         raise SpineInpaintError(f"unknown detector '{config.arch}' (use {' or '.join(ARCHITECTURES)})")
     if config.epochs < 1 or config.steps_per_epoch < 1 or config.batch_size < 1:
@@ -637,7 +641,7 @@ def train_detector(config: TrainConfig) -> dict:
         scheduler.last_epoch = start_epoch * config.steps_per_epoch
     log = None
     if ctx.is_main:
-        log = training.MetricsLog(out / "csv", resume_epoch=start_epoch if config.resume else 0)
+        log = training.MetricsLog(out / "metrics.csv", resume_epoch=start_epoch if config.resume else 0)
     positives = np.array([i for i, m in enumerate(train.meta) if m["lesion_type"] != "none"], int)
     negatives = np.array([i for i, m in enumerate(train.meta) if m["lesion_type"] == "none"], int)
     positive_p = positive_draw_weights(train, positives, config.small_box_weight, grid_mm=config.grid_mm)
@@ -689,12 +693,12 @@ def train_detector(config: TrainConfig) -> dict:
             log.append(**row)
             training.save_checkpoint(last, epoch=epoch, models=saved_models,
                                      optimizers={"optimiser": optimiser}, seed=seed, extra={"best": best})
-            training.plot_curves(out / "csv", out / "curves.png",
+            training.plot_curves(out / "metrics.csv", out / "curves.png",
                                  [("loss", [k for k in row if k in _LOSS_COLUMNS]),
                                   ("validation", ["val_ap50", "val_ap50_95", "val_froc@1"])],
                                  title=f"{config.arch} (seed {config.seed})")
-            print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}),
-                  flush=True)
+            if on_epoch is not None:
+                on_epoch(dict(row))
         summary["epochs_run"] = epoch
         ctx.barrier()
         if config.max_minutes and (time.time() - started) / 60 > config.max_minutes:

@@ -14,6 +14,7 @@ into K folds by a seeded hash of the case id, fold k validating (the paper's 10-
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,10 +36,11 @@ from SpineInpaintLib.segmentation.inference import (
     channel_stack,
     to_network_grid,
 )
+from SpineInpaintLib.training.loop import RunControl
 
 __all__ = [
     "train_transforms", "segmentation_loss", "CachedCase", "cache_case", "load_cache", "deeplesion_cases",
-    "fold_of", "assign_splits", "CropSampler", "slice_iou", "train_segmentation",
+    "fold_of", "assign_splits", "CropSampler", "slice_iou", "SegmentationTrainConfig", "train_segmentation",
 ]
 
 
@@ -341,56 +343,90 @@ def _val_batches(cases: Sequence[CachedCase], per_case: int, crop: int) -> tuple
     return np.stack(images), np.stack(targets)
 
 
-def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, steps_per_epoch: int = 50,
-                       batch_size: int = 8, crop: int = 160, lr: float = 2e-3, seed: int = 0, folds: int = 0,
-                       fold: int = 0, train_cases: Sequence[str] = (), exclude: Sequence[str] = (),
-                       max_steps: int | None = None, device: str = "auto", resume: bool = True,
-                       val_per_case: int = 12, export: Path | None = None, threads: int | None = None,
-                       progress: bool = True, data_note: str = "", phantom_seeds: tuple[int, int] | None = None,
-                       healthy_fraction: float = 0.3, real: Sequence[str] = (), real_weight: float = 1.0,
-                       init: Path | None = None, low_resolution: float = 0.0, intensity: float = 0.0,
-                       boundary_weight: float = 0.0, grid_mm: float = seg.GRID_MM) -> dict:
+@dataclasses.dataclass(kw_only=True)
+class SegmentationTrainConfig(RunControl):
+    """Settings of :func:`train_segmentation`: which network (``net``), the run folder (``out``) and the
+    case cache (``cache``), then the schedule, the split, the augmentations and the notes recorded in
+    the weights' JSON. ``resume`` is on by default here (a run folder with a checkpoint goes on).
+
+    ``max_steps`` stops after that many steps in all (smoke tests); ``val_per_case`` validation slices
+    per validation case; ``export`` also receives the final weights, metadata and curves. ``init``
+    starts a fresh run from existing weights (fine-tuning; ignored when resuming); ``real_weight``
+    draws real-scan cases that many times as often as their slice count says; ``low_resolution`` and
+    ``intensity`` are the probabilities of the coarse-scan and the strong intensity augmentations
+    (:func:`train_transforms`); ``boundary_weight`` weighs a binary cross-entropy of the spine mask in
+    the loss (:func:`segmentation_loss`); ``grid_mm`` is the pixel size of the cached cases (checked).
+    ``data_note``, ``phantom_seeds``, ``healthy_fraction`` and ``real`` only describe the data in the
+    weights' JSON; ``train_cases`` are forced into training and ``exclude`` left out of the cache.
+    """
+
+    net: str
+    out: Path | str
+    cache: Path | str
+    resume: bool = True
+    epochs: int = 30
+    steps_per_epoch: int = 50
+    batch_size: int = 8
+    crop: int = 160
+    lr: float = 2e-3
+    folds: int = 0
+    fold: int = 0
+    train_cases: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    max_steps: int | None = None
+    val_per_case: int = 12
+    export: Path | str | None = None
+    data_note: str = ""
+    phantom_seeds: tuple[int, int] | None = None
+    healthy_fraction: float = 0.3
+    real: Sequence[str] = ()
+    real_weight: float = 1.0
+    init: Path | str | None = None
+    low_resolution: float = 0.0
+    intensity: float = 0.0
+    boundary_weight: float = 0.0
+    grid_mm: float = seg.GRID_MM
+
+
+def train_segmentation(config: SegmentationTrainConfig) -> dict:
     """Train one network on the cached cases; returns a summary (last epoch's metrics, paths).
 
     Writes ``out/checkpoint.pt`` every epoch (resumed from when present and ``resume``),
     ``out/metrics.csv`` (epoch, train/val loss, train/val spine IoU and 2-class mean IoU, lr, seconds),
     ``out/curves.png`` (the paper's Figure 4 layout: loss and IoU per epoch) and
-    ``out/<net>.safetensors`` + JSON metadata at the end (also to ``export`` when given).
-    ``init`` starts a fresh run from existing weights (fine-tuning; ignored when resuming), and
-    ``real_weight`` draws real-scan cases that many times as often as their slice count says, and
-    ``low_resolution`` and ``intensity`` are the probabilities of the coarse-scan and the strong intensity
-    augmentations (:func:`seg.train_transforms`);
-    ``boundary_weight`` weighs a binary cross-entropy of the spine mask in the loss
-    (:func:`seg.segmentation_loss`). ``grid_mm`` is the pixel size of the cached cases (checked) and is
-    recorded in the weights' ``preprocessing``. Under ``torchrun`` each process draws its own crops and DDP
-    averages the gradients; only rank 0 writes.
+    ``out/<net>.safetensors`` + JSON metadata at the end (also to ``export`` when given); ``grid_mm`` is
+    recorded in the weights' ``preprocessing``. ``max_minutes`` stops after the epoch that passes that
+    wall time. Under ``torchrun`` each process draws its own crops and DDP averages the gradients; only
+    rank 0 writes.
     """
     import torch
     from tqdm import tqdm
 
     from SpineInpaintLib.training import loop as training
 
-    if threads:
-        torch.set_num_threads(int(threads))
-    ctx = training.init_distributed(device)
-    seed = seed_everything(seed)
-    out = Path(out)
-    grid_mm = seg.check_grid(grid_mm)
-    cases = [c for c in load_cache(cache, grid_mm) if c.case_id not in set(exclude)]
+    started = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    ctx = training.init_distributed(config.device)
+    seed = seed_everything(config.seed)
+    out = Path(config.out)
+    grid_mm = seg.check_grid(config.grid_mm)
+    cases = [c for c in load_cache(config.cache, grid_mm) if c.case_id not in set(config.exclude)]
     if not cases:
-        raise SpineInpaintError(f"no cached cases in {cache} (run with --phantoms N or --deeplesion DIR)")
-    train_cases_, val_cases = assign_splits(cases, folds=folds, fold=fold, seed=seed, train_cases=train_cases)
+        raise SpineInpaintError(f"no cached cases in {config.cache} (run with --phantoms N or --deeplesion DIR)")
+    train_cases_, val_cases = assign_splits(cases, folds=config.folds, fold=config.fold, seed=seed,
+                                            train_cases=config.train_cases)
     if not train_cases_:
         raise SpineInpaintError("no training cases after the split (add cases or change --folds/--fold)")
-    network = seg.build_network(net)
-    if init is not None and not (resume and (out / "checkpoint.pt").exists()):
-        load_weights(network, init)
+    network = seg.build_network(config.net)
+    if config.init is not None and not (config.resume and (out / "checkpoint.pt").exists()):
+        load_weights(network, config.init)
     model = ctx.wrap(network)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    loss_fn = segmentation_loss(boundary_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    loss_fn = segmentation_loss(config.boundary_weight)
     checkpoint = out / "checkpoint.pt"
     start_epoch, resumed = 1, False
-    if resume and checkpoint.exists():
+    if config.resume and checkpoint.exists():
         state = training.load_checkpoint(checkpoint, models={"net": model}, optimizers={"opt": optimizer})
         start_epoch, resumed = state["epoch"] + 1, True
         if state["seed"] != seed:
@@ -398,25 +434,28 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                                     "use the same --seed or a new --out")
     log = training.MetricsLog(out / "metrics.csv", resume_epoch=start_epoch - 1 if resumed else 0) \
         if ctx.is_main else None
-    val_x, val_y = _val_batches(val_cases, val_per_case, max(crop, 192))
-    steps_done = (start_epoch - 1) * steps_per_epoch
+    val_x, val_y = _val_batches(val_cases, config.val_per_case, max(config.crop, 192))
+    steps_done = (start_epoch - 1) * config.steps_per_epoch
     summary: dict = {}
-    for epoch in range(start_epoch, epochs + 1):
-        if max_steps is not None and steps_done >= max_steps:
+    for epoch in range(start_epoch, config.epochs + 1):
+        if config.max_steps is not None and steps_done >= config.max_steps:
             break
         # Seeds per (epoch, rank): a resumed run draws the same crops as an uninterrupted one.
-        sampler = CropSampler(train_cases_, crop=crop, seed=seed * 100_003 + epoch * 101 + ctx.rank,
-                              real_weight=real_weight, low_resolution=low_resolution, intensity=intensity)
-        current_lr = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, epochs)))
+        sampler = CropSampler(train_cases_, crop=config.crop, seed=seed * 100_003 + epoch * 101 + ctx.rank,
+                              real_weight=config.real_weight, low_resolution=config.low_resolution,
+                              intensity=config.intensity)
+        current_lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, config.epochs)))
         for group in optimizer.param_groups:
             group["lr"] = current_lr
         model.train()
         t0 = time.perf_counter()
         losses, counts = [], np.zeros(4)
-        steps = steps_per_epoch if max_steps is None else min(steps_per_epoch, max_steps - steps_done)
-        bar = tqdm(range(steps), desc=f"{net} epoch {epoch}/{epochs}", unit="step", disable=not (progress and ctx.is_main))
+        steps = config.steps_per_epoch if config.max_steps is None else \
+            min(config.steps_per_epoch, config.max_steps - steps_done)
+        bar = tqdm(range(steps), desc=f"{config.net} epoch {epoch}/{config.epochs}", unit="step",
+                   disable=not (config.progress and ctx.is_main))
         for _ in bar:
-            x, y = sampler.batch(batch_size)
+            x, y = sampler.batch(config.batch_size)
             x, y = torch.from_numpy(x).to(ctx.device), torch.from_numpy(y).to(ctx.device)
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -448,43 +487,51 @@ def train_segmentation(net: str, out: Path, cache: Path, *, epochs: int = 30, st
                        train_mean_iou_2class=train_miou, val_mean_iou_2class=val_miou, lr=current_lr,
                        seconds=time.perf_counter() - t0, steps=steps_done, seed=seed, world_size=ctx.world_size)
             training.save_checkpoint(checkpoint, epoch=epoch, models={"net": model}, optimizers={"opt": optimizer},
-                                     seed=seed, extra={"net": net, "steps": steps_done})
+                                     seed=seed, extra={"net": config.net, "steps": steps_done})
             training.plot_curves(out / "metrics.csv", out / "curves.png",
                                  [("loss", ["train_loss", "val_loss"]), ("IoU (spine)", ["train_iou", "val_iou"])],
-                                 title=f"{net}: loss and IoU per epoch (cf. Miao et al. Fig. 4)")
+                                 title=f"{config.net}: loss and IoU per epoch (cf. Miao et al. Fig. 4)")
             summary = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "train_iou": train_iou,
                        "val_iou": val_iou, "train_mean_iou_2class": train_miou, "val_mean_iou_2class": val_miou}
         ctx.barrier()
+        # Every process stops at the same epoch: the one whose wall time first passes the limit.
+        late = config.max_minutes and (time.perf_counter() - started) / 60 > config.max_minutes
+        if config.max_minutes and ctx.all_reduce_mean(float(late)) > 0:
+            break
     if ctx.is_main:
         meta = {
-            "architecture": {"net": net, "in_channels": seg.IN_CHANNELS, "out_channels": seg.N_CLASSES,
+            "architecture": {"net": config.net, "in_channels": seg.IN_CHANNELS, "out_channels": seg.N_CLASSES,
                              "parameters": seg.count_parameters(training.unwrap(model)),
-                             "monai_class": "UNet" if net == "unet" else "VNet (3x3 convolutions, 16-channel head)"},
+                             "monai_class": "UNet" if config.net == "unet" else
+                             "VNet (3x3 convolutions, 16-channel head)"},
             "preprocessing": {"orientation": "LPS", "grid_mm": grid_mm, "neighbour_mm": NEIGHBOUR_MM,
                               "windows_hu": [list(w) for w in WINDOWS],
                               "input": "slice below, slice, slice above (wide window), slice (bone window)"},
             "classes": {str(i): int(v) for i, v in enumerate(seg.CLASS_IDS)},
             "training": {"seed": seed, "epochs": summary.get("epoch"), "steps": steps_done,
-                         "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "crop": crop, "lr": lr,
-                         "world_size": ctx.world_size, "folds": folds, "fold": fold if folds else None,
+                         "steps_per_epoch": config.steps_per_epoch, "batch_size": config.batch_size,
+                         "crop": config.crop, "lr": config.lr, "world_size": ctx.world_size,
+                         "folds": config.folds, "fold": config.fold if config.folds else None,
                          "train_cases": [c.case_id for c in train_cases_], "val_cases": [c.case_id for c in val_cases],
-                         "data": data_note, "phantom_seeds": list(phantom_seeds) if phantom_seeds else None,
-                         "healthy_fraction": healthy_fraction, "real_in_training": list(real),
-                         "real_weight": real_weight, "init": str(init) if init else None,
-                         "low_resolution_augmentation": low_resolution,
-                         "intensity_augmentation": intensity, "boundary_weight": boundary_weight},
+                         "data": config.data_note,
+                         "phantom_seeds": list(config.phantom_seeds) if config.phantom_seeds else None,
+                         "healthy_fraction": config.healthy_fraction, "real_in_training": list(config.real),
+                         "real_weight": config.real_weight, "init": str(config.init) if config.init else None,
+                         "low_resolution_augmentation": config.low_resolution,
+                         "intensity_augmentation": config.intensity, "boundary_weight": config.boundary_weight},
             "metrics_last_epoch": summary,
         }
-        weights = save_weights(model, out / f"{net}.safetensors", meta)
+        weights = save_weights(model, out / f"{config.net}.safetensors", meta)
         summary["weights"] = str(weights)
-        if export:
+        if config.export:
             import shutil
 
-            export = Path(export)
+            export = Path(config.export)
             export.mkdir(parents=True, exist_ok=True)
             for path in (weights, weights.with_suffix(".json")):
                 shutil.copy2(path, export / path.name)
-            for name, target in (("metrics.csv", f"{net}_metrics.csv"), ("curves.png", f"{net}_curves.png")):
+            for name, target in (("metrics.csv", f"{config.net}_metrics.csv"),
+                                 ("curves.png", f"{config.net}_curves.png")):
                 if (out / name).exists():
                     shutil.copy2(out / name, export / target)
     ctx.close()
