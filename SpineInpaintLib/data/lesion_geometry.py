@@ -1,4 +1,5 @@
-"""Geometry of a vertebra for the lesion simulator: its local frame, spine axis, cortex and working box."""
+"""Geometry of a vertebra for the lesion simulator: its local frame, spine axis, cortex, working box, the
+collapse deformation and the boxes around the result."""
 
 from __future__ import annotations
 
@@ -219,3 +220,88 @@ def _component_touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     components, _ = ndimage.label(mask)
     touching = np.unique(components[ndimage.binary_dilation(seed) & mask])
     return np.isin(components, touching[touching > 0])
+
+
+# --- collapse and boxes ----------------------------------------------------------------------------
+def _collapse(ct: Volume, geo: _Geometry, lab: np.ndarray, level: int, collapse: float, image: np.ndarray):
+    """Compress the body along the spine axis and stretch the disc above into the freed space.
+
+    In the body's footprint (its outline in the lateral-anterior plane, feathered over 3 mm) a
+    point at height ``w`` takes the value found at ``src(w)``: the body ``[w0, w1]`` maps onto
+    ``[w0, w1 - c H]`` and the disc above ``[w1, w2]`` (up to the next vertebra, at most 15 mm)
+    onto ``[w1 - c H, w2]``. Returns the deformed image, a function deforming masks the same way,
+    and JSON-ready parameters.
+    """
+    region, body = geo.region, geo.body
+    u, v, w = region.u, region.v, region.w
+    w0, w1 = float(geo.lo[2]), float(geo.hi[2])
+    height = w1 - w0
+    top = w1 - collapse * height
+    above = lab == level + 1
+    footprint_cell = min(ct.spacing)
+    # Footprint: rasterise the body's (u, v) onto a 2D grid, close it and feather it.
+    uu, vv = u[body], v[body]
+    u_min, v_min = float(uu.min()) - 6.0, float(vv.min()) - 6.0
+    nu = int(math.ceil((float(uu.max()) + 6.0 - u_min) / footprint_cell)) + 1
+    nv = int(math.ceil((float(vv.max()) + 6.0 - v_min) / footprint_cell)) + 1
+    grid = np.zeros((nu, nv), dtype=bool)
+    grid[((uu - u_min) / footprint_cell).astype(int), ((vv - v_min) / footprint_cell).astype(int)] = True
+    grid = ndimage.binary_fill_holes(ndimage.binary_closing(grid, iterations=2))
+    feather = np.clip(1.0 - ndimage.distance_transform_edt(~grid) * footprint_cell / 3.0, 0.0, 1.0)
+    cell_u = np.floor((u - u_min) / footprint_cell).astype(int)
+    cell_v = np.floor((v - v_min) / footprint_cell).astype(int)
+    on_grid = (cell_u >= 0) & (cell_u < nu) & (cell_v >= 0) & (cell_v < nv)
+    weight = np.where(on_grid, feather[np.clip(cell_u, 0, nu - 1), np.clip(cell_v, 0, nv - 1)], 0.0)
+    weight = weight.astype(np.float32)
+
+    gap = 8.0
+    if above.any():
+        in_print = above & (weight > 0.5)
+        if in_print.any():
+            gap = float(np.clip(w[in_print].min() - w1, 2.0, 15.0))
+    w2 = w1 + gap
+    src = w.copy()
+    lower = (w >= w0) & (w <= top)
+    src[lower] = w0 + (w[lower] - w0) / (1.0 - collapse)
+    upper = (w > top) & (w <= w2)
+    src[upper] = w1 + (w[upper] - top) * (w2 - w1) / (w2 - top)
+    shift = (src - w) * weight  # mm along the superior axis
+
+    # Index displacement of one mm along the superior axis, in array order (z, y, x).
+    per_mm = np.linalg.solve(_index_matrix(ct), region.axes[2])
+    grid_index = np.indices(image.shape, dtype=np.float32)
+    coords = [grid_index[k] + shift * np.float32(per_mm[k]) for k in range(3)]
+    moved_image = ndimage.map_coordinates(image, coords, order=1, mode="nearest").astype(image.dtype)
+    untouched = shift == 0
+    moved_image[untouched] = image[untouched]
+
+    def move(mask: np.ndarray) -> np.ndarray:
+        out = ndimage.map_coordinates(mask.astype(np.float32), coords, order=0, mode="nearest") > 0.5
+        out[untouched] = mask[untouched]
+        return out
+
+    params = {"collapse_height_mm": round(height, 3), "collapse_lost_mm": round(collapse * height, 3),
+              "collapse_disc_span_mm": round(gap, 3)}
+    return moved_image, move, params
+
+
+def _boxes(volume: Volume, mask: np.ndarray, offset: Sequence[int]):
+    """Per-slice 2D boxes, the 3D box and its LPS corners around ``mask`` (a window at ``offset``)."""
+    if not mask.any():
+        raise SpineInpaintError("the simulated lesion is empty")
+    oz, oy, ox = (int(o) for o in offset)
+    boxes: dict[int, tuple[int, int, int, int]] = {}
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        rows = np.flatnonzero(mask[z].any(axis=1)) + oy
+        cols = np.flatnonzero(mask[z].any(axis=0)) + ox
+        boxes[int(z) + oz] = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    start = [int(s.start) + o for s, o in zip(box, offset)]
+    stop = [int(s.stop) + o for s, o in zip(box, offset)]
+    box_3d = tuple(start) + tuple(stop)
+    # The eight corners of the box's outer voxel faces, in LPS.
+    corners = np.array([[a, b, c] for a in (start[0] - 0.5, stop[0] - 0.5)
+                        for b in (start[1] - 0.5, stop[1] - 0.5) for c in (start[2] - 0.5, stop[2] - 0.5)])
+    lps = volume.index_to_physical(corners)
+    box_lps = (tuple(float(x) for x in lps.min(axis=0)), tuple(float(x) for x in lps.max(axis=0)))
+    return boxes, box_3d, box_lps  # type: ignore[return-value]

@@ -70,11 +70,12 @@ from SpineInpaintLib.core.labels import (
 from SpineInpaintLib.data.lesion_geometry import (
     _MARGIN_MM,
     _boundary,
+    _boxes,
+    _collapse,
     _component_at,
     _component_touching,
     _ellipsoid_erosion,
     _Geometry,
-    _index_matrix,
     _ray_exit,
     _vertebra_geometry,
     _working_box,
@@ -217,6 +218,14 @@ def estimate_noise_std(ct: np.ndarray, windows: Sequence[tuple[float, float]] = 
 
 # --- the simulation ---------------------------------------------------------------------------------
 def _check_inputs(ct: Volume, labels: Volume, lesion_type: str, size: float, collapse: float) -> None:
+    """Check the inputs of :func:`simulate_lesion` before anything is drawn.
+
+    Raises
+    ------
+    SpineInpaintError
+        Volumes that are not 3D or empty, grids that differ, a non-integer or all-zero label map, an
+        unknown lesion type, a size outside (0, 1] or a collapse outside [0, 0.8].
+    """
     for name, volume in (("ct", ct), ("labels", labels)):
         if not isinstance(volume, Volume):
             raise SpineInpaintError(f"{name} must be a Volume, got {type(volume).__name__}")
@@ -247,6 +256,13 @@ def _check_inputs(ct: Volume, labels: Volume, lesion_type: str, size: float, col
 
 
 def _resolve_level(level: int | str, labels: Volume, objects) -> int:
+    """The vertebra id of ``level`` (an id or a name), checked to be in the label map.
+
+    Raises
+    ------
+    SpineInpaintError
+        An unknown vertebra name or id, or a level with no voxel in ``objects`` (the map's boxes).
+    """
     try:
         label = vertebra_id(level)
     except ValueError as err:
@@ -348,23 +364,98 @@ def simulate_lesion(
     _check_inputs(ct, labels, lesion_type, size, collapse)
     seed = int(seed)
     rng = np.random.default_rng(seed)
-    spacing = ct.spacing_zyx
-    label_array = labels.array
-    objects = ndimage.find_objects(label_array.astype(np.int64, copy=False) if label_array.dtype == bool
-                                   else label_array)
+    objects = _label_boxes(labels.array)
     level = _resolve_level(level, labels, objects)
-    name = vertebra_name(level)
-
     slices = _working_box(ct, objects[level - 1], _MARGIN_MM + 15.0 * (collapse > 0))
-    lab = np.asarray(label_array[slices])
+    lab = np.asarray(labels.array[slices])
+    hu = _working_hu(ct, slices)
+    geo = _vertebra_geometry(ct, labels.array, objects, level, slices)
+
+    lesion, centre, theta = _tumour_voxels(rng, ct, geo, lab, hu, level, size, destructive, cortex_mm)
+    new, noise_std, hu_params = _tumour_image(rng, lesion_type, hu, lesion, geo.vert, ct.spacing_zyx)
+    new, lesion, changed, collapse_params = _collapsed(ct, geo, lab, level, collapse, new, lesion, slices)
+    params = {
+        "level": level,
+        "level_name": vertebra_name(level),
+        "lesion_type": lesion_type,
+        "destructive": bool(destructive),
+        "size": float(size),
+        "collapse": float(collapse),
+        "cortex_mm": float(cortex_mm),
+        "seed": seed,
+        "noise_std_hu": round(noise_std, 3),
+        **hu_params,
+        **_measurements(ct, geo, float(size), centre, theta, lesion, changed),
+        **collapse_params,
+    }
+    return _result(ct, labels, slices, new, changed, lesion, geo.vert, params)
+
+
+def _label_boxes(label_array: np.ndarray) -> list:
+    """Bounding box of every label id (``ndimage.find_objects``; a boolean map counts as id 1).
+
+    Parameters
+    ----------
+    label_array
+        Integer or boolean (z, y, x) label map.
+
+    Returns
+    -------
+    ``boxes[id - 1]``: a tuple of slices, or None for an id not in the map.
+    """
+    return ndimage.find_objects(label_array.astype(np.int64, copy=False) if label_array.dtype == bool
+                                else label_array)
+
+
+def _working_hu(ct: Volume, slices: tuple[slice, slice, slice]) -> np.ndarray:
+    """The CT's working box as floats: float64 for a float64 scan, float32 otherwise.
+
+    Parameters
+    ----------
+    ct
+        The input CT.
+    slices
+        The working box.
+
+    Returns
+    -------
+    ``ct.array[slices]`` as float32 or float64 (a view where the scan has that dtype: never written to).
+    """
     # float64 scans are worked on in float64 so that untouched voxels round-trip exactly.
     work_dtype = np.float64 if ct.array.dtype == np.float64 else np.float32
-    hu = np.asarray(ct.array[slices], dtype=work_dtype)
-    geo = _vertebra_geometry(ct, label_array, objects, level, slices)
-    region, vert, half = geo.region, geo.vert, geo.half
+    return np.asarray(ct.array[slices], dtype=work_dtype)
 
-    # The blob -----------------------------------------------------------------------------------------
-    allowed = _mass_allowed(lab, hu, vert, region.w, geo.lo[2], geo.hi[2], spacing) if destructive else None
+
+def _tumour_voxels(rng: np.random.Generator, ct: Volume, geo: _Geometry, lab: np.ndarray, hu: np.ndarray,
+                   level: int, size: float, destructive: bool,
+                   cortex_mm: float) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Place the tumour: the blob in the body and, for a destructive lesion, its mass in the tissue allowed.
+
+    Parameters
+    ----------
+    rng
+        The simulation's generator (the shape draws come first).
+    ct, geo
+        The CT and the vertebra's geometry in the working box.
+    lab, hu
+        Labels and HU of the working box.
+    level, size, destructive, cortex_mm
+        As in :func:`simulate_lesion` (``level`` as an id).
+
+    Returns
+    -------
+    (lesion, centre, theta)
+        The tumour's voxels in the working box, the blob's centre (frame mm) and the direction of the
+        cortex break (radians from anterior; None for a non-destructive lesion).
+
+    Raises
+    ------
+    SpineInpaintError
+        No direction gives a destructive mass, or the lesion holds fewer than 8 voxels.
+    """
+    name = vertebra_name(level)
+    allowed = (_mass_allowed(lab, hu, geo.vert, geo.region.w, geo.lo[2], geo.hi[2], ct.spacing_zyx)
+               if destructive else None)
     lesion, centre, theta = _place_lesion(rng, ct, geo, float(size), destructive, cortex_mm, allowed)
     if lesion is None:
         raise SpineInpaintError(
@@ -375,61 +466,136 @@ def simulate_lesion(
             f"the lesion at {name} holds {int(lesion.sum())} voxels only "
             f"(size {size} is too small for this scan's voxels)"
         )
+    return lesion, centre, theta
 
-    # Tumour HU ----------------------------------------------------------------------------------
+
+def _tumour_image(rng: np.random.Generator, lesion_type: str, hu: np.ndarray, lesion: np.ndarray,
+                  vert: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, float, dict]:
+    """The working box with the tumour's HU blended in (a one-voxel soft edge inside the lesion).
+
+    Parameters
+    ----------
+    rng
+        The simulation's generator (the tumour draws follow the shape draws).
+    lesion_type
+        As in :func:`simulate_lesion`.
+    hu
+        HU of the working box (left unchanged).
+    lesion, vert
+        The tumour's voxels and the vertebra label in the working box (outside it: the soft-tissue mass).
+    spacing
+        Voxel size (mm), (z, y, x).
+
+    Returns
+    -------
+    (image, noise_std, params)
+        The new HU of the working box, the scan's noise (HU) the tumour copies and the drawn HU parameters.
+    """
     noise_std = estimate_noise_std(hu)
     tumour, hu_params = _tumour_hu(rng, lesion_type, hu.shape, spacing, noise_std, lesion, lesion & ~vert)
     weight = np.where(_boundary(lesion), np.float32(_EDGE_WEIGHT), np.float32(1.0))
     new = hu.copy()
     new[lesion] = weight[lesion] * tumour[lesion] + (1.0 - weight[lesion]) * hu[lesion]
+    return new, noise_std, hu_params
 
-    # Collapse -----------------------------------------------------------------------------------
-    lesion_local = lesion
-    collapse_params: dict = {}
-    changed = lesion.copy()
-    if collapse > 0:
-        new, moved, collapse_params = _collapse(ct, geo, lab, level, float(collapse), new)
-        lesion_local = moved(lesion)
-        changed = lesion_local | (_as_stored(new, ct.array.dtype) != ct.array[slices])
 
-    # Assemble full-size outputs; voxels outside `changed` keep the input's exact bits -------------
-    out = ct.array.copy()
-    stored = _as_stored(new, ct.array.dtype)
-    window = out[slices]
-    window[changed] = stored[changed]
-    mask_full = np.zeros(ct.shape, dtype=np.uint8)
-    mask_full[slices][changed] = 1
-    lesion_full = np.zeros(ct.shape, dtype=np.uint8)
-    lesion_full[slices][lesion_local] = 1
-    destroyed_full = np.zeros(ct.shape, dtype=np.uint8)
-    destroyed_full[slices][lesion_local & vert] = 1
+def _collapsed(ct: Volume, geo: _Geometry, lab: np.ndarray, level: int, collapse: float, image: np.ndarray,
+               lesion: np.ndarray,
+               slices: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Apply the collapse (if any) to the lesioned working box and find every voxel that changed.
 
-    boxes_2d, box_3d, box_lps = _boxes(ct, changed, [sl.start for sl in slices])
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    params = {
-        "level": level,
-        "level_name": name,
-        "lesion_type": lesion_type,
-        "destructive": bool(destructive),
-        "size": float(size),
-        "collapse": float(collapse),
-        "cortex_mm": float(cortex_mm),
-        "seed": seed,
-        "noise_std_hu": round(noise_std, 3),
-        **hu_params,
+    Parameters
+    ----------
+    ct, geo, lab, level
+        The CT, the vertebra's geometry, the working box's labels and the level's id.
+    collapse
+        As in :func:`simulate_lesion`; 0 leaves the image as it is.
+    image, lesion
+        The lesioned HU and the tumour's voxels in the working box.
+    slices
+        The working box.
+
+    Returns
+    -------
+    (image, lesion, changed, params)
+        The deformed image and tumour, the voxels that may differ from the input (the tumour, and with
+        a collapse every voxel whose stored value moved) and the collapse's parameters (empty without).
+    """
+    if not collapse > 0:
+        return image, lesion, lesion.copy(), {}
+    image, moved, params = _collapse(ct, geo, lab, level, float(collapse), image)
+    lesion = moved(lesion)
+    changed = lesion | (_as_stored(image, ct.array.dtype) != ct.array[slices])
+    return image, lesion, changed, params
+
+
+def _measurements(ct: Volume, geo: _Geometry, size: float, centre: np.ndarray, theta: float | None,
+                  lesion: np.ndarray, changed: np.ndarray) -> dict:
+    """JSON-ready record of the lesion's geometry and volumes (part of ``SimulatedLesion.params``).
+
+    Parameters
+    ----------
+    ct, geo
+        The CT and the vertebra's geometry in the working box.
+    size
+        As in :func:`simulate_lesion`.
+    centre, theta
+        The blob's centre (frame mm) and the direction of the cortex break (None: not destructive).
+    lesion, changed
+        The tumour (after any collapse) and every voxel that may differ, in the working box.
+
+    Returns
+    -------
+    dict of the centre, semi-axes, body half-extents and axes (LPS), how anterior was found, the break
+    angle (degrees) and the volumes (ml) of the lesion, the bone destroyed, the extra-osseous part and the mask.
+    """
+    region, vert, half = geo.region, geo.vert, geo.half
+    voxel_ml = float(np.prod(ct.spacing_zyx)) / 1000.0
+    return {
         "centre_lps": [round(float(x), 3) for x in region.centre + centre @ region.axes],
-        "semi_axes_mm": [round(float(x), 3) for x in float(size) * half],
+        "semi_axes_mm": [round(float(x), 3) for x in size * half],
         "body_half_extents_mm": [round(float(x), 3) for x in half],
         "axes_lps": {key: axis.round(4).tolist() for key, axis in zip(("lateral", "anterior", "superior"),
                                                                         region.axes)},
         "anterior_from": geo.anterior_from,
         "destructive_angle_deg": None if theta is None else round(math.degrees(theta), 1),
-        "lesion_ml": round(float(lesion_local.sum()) * voxel_ml, 4),
-        "bone_destroyed_ml": round(float((lesion_local & vert).sum()) * voxel_ml, 4),
-        "extraosseous_ml": round(float((lesion_local & ~vert).sum()) * voxel_ml, 4),
+        "lesion_ml": round(float(lesion.sum()) * voxel_ml, 4),
+        "bone_destroyed_ml": round(float((lesion & vert).sum()) * voxel_ml, 4),
+        "extraosseous_ml": round(float((lesion & ~vert).sum()) * voxel_ml, 4),
         "mask_ml": round(float(changed.sum()) * voxel_ml, 4),
-        **collapse_params,
     }
+
+
+def _result(ct: Volume, labels: Volume, slices: tuple[slice, slice, slice], image: np.ndarray,
+            changed: np.ndarray, lesion: np.ndarray, vert: np.ndarray, params: dict) -> SimulatedLesion:
+    """Full-size outputs and boxes: voxels outside ``changed`` keep the input's exact bits.
+
+    Parameters
+    ----------
+    ct, labels
+        The inputs (copied as the healthy truth).
+    slices
+        The working box.
+    image, changed, lesion, vert
+        The new HU, the voxels that may differ, the tumour and the vertebra label, in the working box.
+    params
+        The simulation's record; its level, lesion_type, destructive, collapse and seed fill those fields.
+
+    Returns
+    -------
+    SimulatedLesion
+    """
+    out = ct.array.copy()
+    stored = _as_stored(image, ct.array.dtype)
+    window = out[slices]
+    window[changed] = stored[changed]
+    mask_full = np.zeros(ct.shape, dtype=np.uint8)
+    mask_full[slices][changed] = 1
+    lesion_full = np.zeros(ct.shape, dtype=np.uint8)
+    lesion_full[slices][lesion] = 1
+    destroyed_full = np.zeros(ct.shape, dtype=np.uint8)
+    destroyed_full[slices][lesion & vert] = 1
+    boxes_2d, box_3d, box_lps = _boxes(ct, changed, [sl.start for sl in slices])
     return SimulatedLesion(
         ct=ct.with_array(out),
         mask=ct.with_array(mask_full),
@@ -437,14 +603,14 @@ def simulate_lesion(
         bone_destroyed=ct.with_array(destroyed_full),
         healthy_ct=ct.copy(),
         healthy_labels=labels.copy(),
-        level=level,
-        lesion_type=lesion_type,
-        destructive=bool(destructive),
-        collapse=float(collapse),
+        level=params["level"],
+        lesion_type=params["lesion_type"],
+        destructive=params["destructive"],
+        collapse=params["collapse"],
         boxes_2d=boxes_2d,
         box_3d=box_3d,
         box_3d_lps=box_lps,
-        seed=seed,
+        seed=params["seed"],
         params=params,
     )
 
@@ -515,90 +681,6 @@ def _as_stored(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(values), info.min, info.max).astype(dtype)
     return values.astype(dtype)
-
-
-def _collapse(ct: Volume, geo: _Geometry, lab: np.ndarray, level: int, collapse: float, image: np.ndarray):
-    """Compress the body along the spine axis and stretch the disc above into the freed space.
-
-    In the body's footprint (its outline in the lateral-anterior plane, feathered over 3 mm) a
-    point at height ``w`` takes the value found at ``src(w)``: the body ``[w0, w1]`` maps onto
-    ``[w0, w1 - c H]`` and the disc above ``[w1, w2]`` (up to the next vertebra, at most 15 mm)
-    onto ``[w1 - c H, w2]``. Returns the deformed image, a function deforming masks the same way,
-    and JSON-ready parameters.
-    """
-    region, body = geo.region, geo.body
-    u, v, w = region.u, region.v, region.w
-    w0, w1 = float(geo.lo[2]), float(geo.hi[2])
-    height = w1 - w0
-    top = w1 - collapse * height
-    above = lab == level + 1
-    footprint_cell = min(ct.spacing)
-    # Footprint: rasterise the body's (u, v) onto a 2D grid, close it and feather it.
-    uu, vv = u[body], v[body]
-    u_min, v_min = float(uu.min()) - 6.0, float(vv.min()) - 6.0
-    nu = int(math.ceil((float(uu.max()) + 6.0 - u_min) / footprint_cell)) + 1
-    nv = int(math.ceil((float(vv.max()) + 6.0 - v_min) / footprint_cell)) + 1
-    grid = np.zeros((nu, nv), dtype=bool)
-    grid[((uu - u_min) / footprint_cell).astype(int), ((vv - v_min) / footprint_cell).astype(int)] = True
-    grid = ndimage.binary_fill_holes(ndimage.binary_closing(grid, iterations=2))
-    feather = np.clip(1.0 - ndimage.distance_transform_edt(~grid) * footprint_cell / 3.0, 0.0, 1.0)
-    cell_u = np.floor((u - u_min) / footprint_cell).astype(int)
-    cell_v = np.floor((v - v_min) / footprint_cell).astype(int)
-    on_grid = (cell_u >= 0) & (cell_u < nu) & (cell_v >= 0) & (cell_v < nv)
-    weight = np.where(on_grid, feather[np.clip(cell_u, 0, nu - 1), np.clip(cell_v, 0, nv - 1)], 0.0)
-    weight = weight.astype(np.float32)
-
-    gap = 8.0
-    if above.any():
-        in_print = above & (weight > 0.5)
-        if in_print.any():
-            gap = float(np.clip(w[in_print].min() - w1, 2.0, 15.0))
-    w2 = w1 + gap
-    src = w.copy()
-    lower = (w >= w0) & (w <= top)
-    src[lower] = w0 + (w[lower] - w0) / (1.0 - collapse)
-    upper = (w > top) & (w <= w2)
-    src[upper] = w1 + (w[upper] - top) * (w2 - w1) / (w2 - top)
-    shift = (src - w) * weight  # mm along the superior axis
-
-    # Index displacement of one mm along the superior axis, in array order (z, y, x).
-    per_mm = np.linalg.solve(_index_matrix(ct), region.axes[2])
-    grid_index = np.indices(image.shape, dtype=np.float32)
-    coords = [grid_index[k] + shift * np.float32(per_mm[k]) for k in range(3)]
-    moved_image = ndimage.map_coordinates(image, coords, order=1, mode="nearest").astype(image.dtype)
-    untouched = shift == 0
-    moved_image[untouched] = image[untouched]
-
-    def move(mask: np.ndarray) -> np.ndarray:
-        out = ndimage.map_coordinates(mask.astype(np.float32), coords, order=0, mode="nearest") > 0.5
-        out[untouched] = mask[untouched]
-        return out
-
-    params = {"collapse_height_mm": round(height, 3), "collapse_lost_mm": round(collapse * height, 3),
-              "collapse_disc_span_mm": round(gap, 3)}
-    return moved_image, move, params
-
-
-def _boxes(volume: Volume, mask: np.ndarray, offset: Sequence[int]):
-    """Per-slice 2D boxes, the 3D box and its LPS corners around ``mask`` (a window at ``offset``)."""
-    if not mask.any():
-        raise SpineInpaintError("the simulated lesion is empty")
-    oz, oy, ox = (int(o) for o in offset)
-    boxes: dict[int, tuple[int, int, int, int]] = {}
-    for z in np.flatnonzero(mask.any(axis=(1, 2))):
-        rows = np.flatnonzero(mask[z].any(axis=1)) + oy
-        cols = np.flatnonzero(mask[z].any(axis=0)) + ox
-        boxes[int(z) + oz] = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    start = [int(s.start) + o for s, o in zip(box, offset)]
-    stop = [int(s.stop) + o for s, o in zip(box, offset)]
-    box_3d = tuple(start) + tuple(stop)
-    # The eight corners of the box's outer voxel faces, in LPS.
-    corners = np.array([[a, b, c] for a in (start[0] - 0.5, stop[0] - 0.5)
-                        for b in (start[1] - 0.5, stop[1] - 0.5) for c in (start[2] - 0.5, stop[2] - 0.5)])
-    lps = volume.index_to_physical(corners)
-    box_lps = (tuple(float(x) for x in lps.min(axis=0)), tuple(float(x) for x in lps.max(axis=0)))
-    return boxes, box_3d, box_lps  # type: ignore[return-value]
 
 
 def random_lesion(
