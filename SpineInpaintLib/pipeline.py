@@ -27,12 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineInpaintLib import SpineInpaintError, __version__
+from SpineInpaintLib import SpineInpaintError, __version__, surface
 from SpineInpaintLib.core import io
-from SpineInpaintLib.core.files import atomic_folder
+from SpineInpaintLib.core.files import atomic_folder, write_report_json
 from SpineInpaintLib.core.labels import VERTEBRA_NAMES, vertebra_mask
 from SpineInpaintLib.core.outputs import OUTPUT_FILES
+from SpineInpaintLib.core.runtime import StageTimer, resolve_device, seed_everything
+from SpineInpaintLib.detection import inference as detection
+from SpineInpaintLib.inpainting import networks as gan
 from SpineInpaintLib.inpainting.methods import GAN_METHODS
+from SpineInpaintLib.inpainting.restore import restore_ct, restore_mask
+from SpineInpaintLib.report import report_figure
+from SpineInpaintLib.segmentation import networks as segmentation
 from SpineInpaintLib.segmentation.inference import segment_volume
 
 __all__ = [
@@ -104,8 +110,6 @@ def grey_method_for(method: str) -> str:
     weights for one of them, the vertebra's shape comes from it and the HU inside the lesion from
     the grayscale context generator (recorded as ``grey_method`` in the report).
     """
-    from SpineInpaintLib.inpainting import networks as gan
-
     method = str(method).lower()
     if method in GAN_METHODS and \
             not gan.default_weights_path(method, "grey", "generator").exists():
@@ -124,8 +128,6 @@ def segment_spine(ct: io.Volume, seg_net: str | None = None, *, device: str = "c
     grid) guides the split into vertebrae (``segment_volume(lesion=...)``). ``seg_net`` None: the
     default network (:data:`~SpineInpaintLib.segmentation.DEFAULT_NETWORK`).
     """
-    from SpineInpaintLib.segmentation import networks as segmentation
-
     seg_net = seg_net or segmentation.DEFAULT_NETWORK
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # turned into one-line errors below
@@ -149,8 +151,6 @@ def detect_lesions(ct: io.Volume, labels: io.Volume, *, progress: bool = False) 
 
     The ``detect`` step of the command line and the second stage of :func:`restore`.
     """
-    from SpineInpaintLib.detection import inference as detection
-
     if not labels.same_grid(ct, tol=1e-3) or labels.shape != ct.shape:
         raise SpineInpaintError("the spine labels are on another grid than the CT; resample them onto the CT first")
     found, mask = detection.find_lesions(ct, labels, progress=progress)
@@ -162,8 +162,6 @@ def detect_lesions(ct: io.Volume, labels: io.Volume, *, progress: bool = False) 
 def write_step_outputs(volumes: dict[str, io.Volume], out: str | os.PathLike, report: dict) -> dict[str, Path]:
     """Write the ``segment`` / ``detect`` steps' files (contract names of :data:`OUTPUT_FILES`) and
     ``report.json``, all or nothing."""
-    from SpineInpaintLib.core.files import write_report_json
-
     out = Path(out)
     with atomic_folder(out) as tmp:
         for key, volume in volumes.items():
@@ -207,11 +205,6 @@ def restore(
     SpineInpaintError
         Input that is not a CT, a volume without spine, a lesion mask on another grid.
     """
-    from SpineInpaintLib import surface
-    from SpineInpaintLib.core.runtime import StageTimer, resolve_device, seed_everything
-    from SpineInpaintLib.inpainting.restore import restore_ct, restore_mask
-    from SpineInpaintLib.segmentation import networks as segmentation
-
     if not isinstance(ct, io.Volume):
         raise SpineInpaintError(f"restore needs an io.Volume, got {type(ct).__name__}")
     seed_everything(seed)
@@ -315,10 +308,6 @@ def write_outputs(result: RestoreResult, out: str | os.PathLike, *, figure: bool
 
     ``out`` must not exist or be empty. Returns the written paths by key of :data:`OUTPUT_FILES`.
     """
-    from SpineInpaintLib import surface
-    from SpineInpaintLib.core.files import write_report_json
-    from SpineInpaintLib.report import report_figure
-
     out = Path(out)
     with atomic_folder(out) as tmp:
         start = time.perf_counter()

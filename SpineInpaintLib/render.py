@@ -18,6 +18,7 @@ import numpy as np
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core.files import atomic_write
 from SpineInpaintLib.core.plotting import pyplot
+from SpineInpaintLib.surface import polydata_arrays
 
 __all__ = ["RENDER_BACKENDS", "vtk_offscreen_window", "render_surfaces_to_array", "render_surfaces"]
 
@@ -240,7 +241,6 @@ def _triangle_arrays(polydata, budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Points and triangles of ``polydata``, decimated to about ``budget`` triangles for drawing."""
     from vtkmodules.vtkFiltersCore import vtkQuadricDecimation, vtkTriangleFilter
 
-    from SpineInpaintLib.surface import polydata_arrays
 
     triangles = vtkTriangleFilter()
     triangles.SetInputData(polydata)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib import surface as _surface
 from SpineInpaintLib.core import io
 from SpineInpaintLib.core import labels as _labels
 from SpineInpaintLib.core.files import atomic_write
@@ -95,8 +96,6 @@ def _display_surfaces(
 ) -> dict[str, object] | None:
     """Surfaces to draw in one 3D view: one per vertebra (the whole-spine surface only when no
     vertebra has its own, as both drawn would overlap), plus the lesion when given."""
-    from SpineInpaintLib import surface as _surface
-
     if surfaces is None and labels is not None and np.isin(labels.array, _labels.VERTEBRA_IDS).any():
         # Display only: a little decimation keeps large scans quick to draw.
         surfaces = _surface.spine_surfaces(labels, whole_spine=False, decimation=0.3)

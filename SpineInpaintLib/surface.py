@@ -36,6 +36,7 @@ import numpy as np
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core import io
 from SpineInpaintLib.core import labels as _labels
+from SpineInpaintLib.core.files import atomic_write
 from SpineInpaintLib.core.io import Volume
 
 __all__ = [
@@ -569,7 +570,6 @@ def write_stl(
     else:
         writer.SetFileTypeToASCII()
 
-    from SpineInpaintLib.core.files import atomic_write
 
     def write(temporary: str) -> None:
         writer.SetFileName(temporary)

@@ -26,9 +26,10 @@ import numpy as np
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core import io
 from SpineInpaintLib.core.labels import VERTEBRA_NAMES, spine_mask
-from SpineInpaintLib.data import deeplesion
+from SpineInpaintLib.data import deeplesion, lesions
 from SpineInpaintLib.data.deeplesion_export import make_record, write_series
 from SpineInpaintLib.data.phantom.config import PhantomConfig
+from SpineInpaintLib.data.phantom.generate import make_phantom
 from SpineInpaintLib.data.real import load_real_case
 from SpineInpaintLib.inpainting.crops import (
     CROP_FOV_MM,
@@ -119,8 +120,6 @@ class Case:
 # --- case sources -------------------------------------------------------------------------------
 def _with_lesion(case_id: str, ct: io.Volume, labels: io.Volume, source: str, seed: int,
                  lesion_types: Sequence[str] | None, info: dict) -> Case:
-    from SpineInpaintLib.data import lesions
-
     lesion = None
     if lesion_types:
         lesion = lesions.random_lesion(ct, labels, seed=seed, lesion_types=list(lesion_types))
@@ -130,8 +129,6 @@ def _with_lesion(case_id: str, ct: io.Volume, labels: io.Volume, source: str, se
 def phantom_case(seed: int, *, lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed"),
                  **config_overrides) -> Case:
     """A random phantom (``PhantomConfig.random(seed)``) with an optional random lesion."""
-    from SpineInpaintLib.data.phantom.generate import make_phantom
-
     config = PhantomConfig.random(seed, **config_overrides)
     ph = make_phantom(config)
     return _with_lesion(f"phantom_{seed:04d}", ph.ct, ph.labels, "phantom", seed, lesion_types,
@@ -169,8 +166,6 @@ def varied_overrides(seed: int) -> dict:
 
 def varied_phantom_case(seed: int, *, lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed")) -> Case:
     """A phantom drawn as :func:`phantom_case` with the :func:`varied_overrides` of ``seed``; id ``varied_<seed>``."""
-    from SpineInpaintLib.data.phantom.generate import make_phantom
-
     config = PhantomConfig.random(seed, **varied_overrides(seed))
     ph = make_phantom(config)
     return _with_lesion(f"varied_{seed:04d}", ph.ct, ph.labels, "phantom", seed, lesion_types,

@@ -54,7 +54,7 @@ from scipy import ndimage
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core import io
 from SpineInpaintLib.core.labels import vertebra_mask
-from SpineInpaintLib.core.weights import weights_dir
+from SpineInpaintLib.core.weights import load_weights, read_weights_metadata, unwrap, weights_dir
 from SpineInpaintLib.detection.networks import (
     ARCHITECTURES,
     CROP_SIZE,
@@ -252,7 +252,6 @@ class Detector:
     def predict(self, images) -> list[tuple[np.ndarray, np.ndarray]]:
         """(boxes (N, 4) x1, y1, x2, y2 in crop pixels, scores (N,)) per image of a batch in [0, 1]."""
 
-        from SpineInpaintLib.core.weights import unwrap
 
         # The bare network, also under DDP: inference on one process must not wait for the others.
         model = unwrap(self.model)
@@ -294,11 +293,6 @@ def load_detector(path: str | Path | None = None, *, arch: str | None = None, de
     The architecture is read from the weights' JSON metadata (``arch``) unless given, the input grid
     from its ``input`` (``size``, ``pixel_mm``; :data:`CROP_SIZE` and :data:`GRID_MM` when absent).
     """
-    from SpineInpaintLib.core.weights import (
-        load_weights,
-        read_weights_metadata,
-    )
-
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.exists():
         raise SpineInpaintError(f"detector weights not found: {path}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from SpineInpaintLib.data import lesions
+from SpineInpaintLib.data.phantom import config as phantom
 from SpineInpaintLib.data.phantom.generate import make_phantom
 
 __all__ = ["demo_case", "DEMO_PHANTOM", "DEMO_LESION"]
@@ -15,9 +17,6 @@ DEMO_LESION = dict(level="L3", lesion_type="lytic", destructive=True, size=0.7, 
 
 def demo_case():
     """The embedded default case: ``(SimulatedLesion, Phantom)``."""
-    from SpineInpaintLib.data import lesions
-    from SpineInpaintLib.data.phantom import config as phantom
-
     ph = make_phantom(phantom.PhantomConfig(**DEMO_PHANTOM))
     labels = phantom.totalsegmentator_labels(ph.labels)
     sim = lesions.simulate_lesion(ph.ct, labels, **DEMO_LESION)

@@ -16,10 +16,13 @@ from SpineInpaintLib.core import io
 from SpineInpaintLib.core.files import atomic_write
 from SpineInpaintLib.core.labels import spine_mask
 from SpineInpaintLib.core.plotting import pyplot, save_figure
+from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.data import lesions
 from SpineInpaintLib.data.cases import case_seeds
 from SpineInpaintLib.evaluation.metrics.image import inpainting_quality
 from SpineInpaintLib.evaluation.metrics.mmd import kmmd
 from SpineInpaintLib.evaluation.metrics.overlap import dice, hd95
+from SpineInpaintLib.inpainting import networks as gan
 from SpineInpaintLib.inpainting.crops import (
     CROP_SIZE,
 )
@@ -112,9 +115,6 @@ def evaluation_lesions(n_phantoms: int = 8, lesions_per_case: int = 2, n_real: i
         atomic_write(path, lambda tmp: _save_lesions(items, tmp))
         return items
     from tqdm import tqdm
-
-    from SpineInpaintLib.data import cases as datasets
-    from SpineInpaintLib.data import lesions
 
     rng = np.random.default_rng([seed, 2718])
     out: list[EvalLesion] = []
@@ -326,8 +326,6 @@ def figure6_check(methods: Sequence[str], *, n_crops: int = 48, steps: int = 200
 
     Returns the crops (for the figure), Dice inside the squares and KMMD of restored vs original.
     """
-    from SpineInpaintLib.data import cases as datasets
-
     models = models or _DEFAULT_CACHE
     rng = np.random.default_rng([seed, 6])
     parts = []
@@ -415,8 +413,6 @@ def _examples_png(examples: dict, methods: Sequence[str], path, n: int = 3) -> N
 
 def gan_table(models: ModelCache, healthy: np.ndarray, seed: int = 0, n: int = 500) -> dict:
     """Per GAN: parameters (shipped and at width 64) and KMMD^2 of binarised samples vs ``healthy`` crops."""
-    from SpineInpaintLib.inpainting import networks as gan
-
     table = {}
     for m in GAN_METHODS:
         g64, d64 = gan.build_gan(m, 64, critic_width=64)
@@ -440,7 +436,6 @@ def gan_samples_png(models: ModelCache, healthy: np.ndarray, path, seed: int = 0
     """One row of samples per shipped GAN (binary), and a row of held-out healthy crops."""
     plt = pyplot()
 
-    from SpineInpaintLib.inpainting import networks as gan
 
     rows = {}
     for m in GAN_METHODS:

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from SpineInpaintLib.core.labels import VERTEBRA_NAMES
+from SpineInpaintLib.data import lesions
 from SpineInpaintLib.data.real import load_real_case
 from SpineInpaintLib.evaluation.metrics import overlap as metrics
 from SpineInpaintLib.pipeline import DEFAULT_METHOD, RestoreResult, restore
@@ -53,8 +54,6 @@ def evaluate_restore(case: str = "totalsegmentator", level: str = "L3", seeds=(1
     detection). Issue 7's bar on ``totalsegmentator`` L3: Dice >= 0.90, HD95 <= 6 mm, volume
     within 5 %. The scan's labels are TotalSegmentator predictions, used as the healthy truth.
     """
-    from SpineInpaintLib.data import lesions
-
     ct, labels = load_real_case(case)
     rows = []
     for seed in seeds:

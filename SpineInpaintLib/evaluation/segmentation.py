@@ -11,6 +11,7 @@ from SpineInpaintLib.core import io
 from SpineInpaintLib.core.labels import spine_mask
 from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.evaluation.metrics import overlap as metrics
 from SpineInpaintLib.segmentation import inference as seg
 from SpineInpaintLib.segmentation.networks import NETWORKS
 from SpineInpaintLib.training.segmentation import _iou_values, slice_iou
@@ -33,8 +34,6 @@ def evaluate_case(result: seg.SegmentationResult, case: datasets.Case) -> dict:
     it and the background IoU of those slices (Keras' 2-class ``MeanIoU``, the paper's likely
     definition); per vertebra (TotalSegmentator ids present in the truth): Dice and HD95 (mm).
     """
-    from SpineInpaintLib.evaluation.metrics import overlap as metrics
-
     truth_labels = case.labels.array
     truth = spine_mask(truth_labels) > 0
     pred = result.spine.array > 0

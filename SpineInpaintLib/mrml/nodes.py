@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core import io
 from SpineInpaintLib.core.io import Volume
 
 __all__ = [
@@ -53,15 +54,11 @@ def _slicer():
 def _image_data_from_array(array: np.ndarray, size_xyz: Sequence[int]):
     """A vtkImageData holding a copy of ``array`` (z, y, x) with identity geometry (the node holds it);
     its dimensions are ``size_xyz``, the array's shape reversed."""
-    from SpineInpaintLib.core import io
-
     return io.to_vtk_image(Volume(array))
 
 
 def _array_from_image_data(image) -> np.ndarray:
     """A (z, y, x) copy of the scalars of a single-component vtkImageData."""
-    from SpineInpaintLib.core import io
-
     return io.from_vtk_image(image).array
 
 

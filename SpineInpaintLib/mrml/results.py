@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core import io
 from SpineInpaintLib.core import labels as _labels
 from SpineInpaintLib.core.io import Volume
 from SpineInpaintLib.core.outputs import (
@@ -51,8 +52,6 @@ class SceneResults:
 
 
 def _read_on_grid(path: Path, reference: Volume) -> Volume:
-    from SpineInpaintLib.core import io
-
     volume = io.read_volume(path, require_3d=False)
     if not volume.same_grid(reference):
         raise SpineInpaintError(

@@ -41,6 +41,7 @@ from scipy import ndimage
 
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core import io
+from SpineInpaintLib.core.labels import is_vertebra, vertebra_id, vertebra_name
 from SpineInpaintLib.segmentation.networks import (
     DEFAULT_NETWORK,
     GRID_MM,
@@ -403,8 +404,6 @@ def segment_volume(ct: io.Volume, net: str = DEFAULT_NETWORK, *, model=None, wei
 
 def export_vertebra(labels: io.Volume, level: int | str) -> io.Volume:
     """Binary mask (uint8, same grid) of one vertebra of a label map, e.g. ``'L3'`` or ``29``."""
-    from SpineInpaintLib.core.labels import is_vertebra, vertebra_id, vertebra_name
-
     try:
         label = vertebra_id(level)
     except ValueError as err:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from SpineInpaintLib.core.runtime import seed_everything
 from SpineInpaintLib.core.weights import save_weights
+from SpineInpaintLib.inpainting.methods import context_input
 from SpineInpaintLib.inpainting.networks import (
     CONTEXT_CHANNELS,
     SIZE,
@@ -34,6 +35,7 @@ from SpineInpaintLib.training.gan import (
     load_crop_dataset,
     save_sample_grid,
 )
+from SpineInpaintLib.training.holes import random_hole
 from SpineInpaintLib.training.loop import RunControl
 
 __all__ = ["ContextTrainConfig", "train_context"]
@@ -72,9 +74,6 @@ class ContextTrainConfig(RunControl):
 def _context_batch(data: CropDataset, kind: str, rng: np.random.Generator, n: int, sim_fraction: float,
                    max_shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (n, 7, 64, 64), truth (n, 1, 64, 64), hole (n, 1, 64, 64) for the context generator."""
-    from SpineInpaintLib.inpainting.methods import context_input
-    from SpineInpaintLib.training.holes import random_hole
-
     images, prior = data.images(kind), data.prior(kind)
     xs, holes3, priors = [], [], []
     for _ in range(n):

@@ -18,6 +18,7 @@ from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.core.runtime import seed_everything
 from SpineInpaintLib.core.weights import save_weights
+from SpineInpaintLib.data import cases as datasets
 from SpineInpaintLib.evaluation.metrics.mmd import kmmd
 from SpineInpaintLib.inpainting.crops import CROP_FOV_MM, CROP_WINDOW
 from SpineInpaintLib.inpainting.networks import (
@@ -32,6 +33,7 @@ from SpineInpaintLib.inpainting.networks import (
     sample,
 )
 from SpineInpaintLib.training import loop as training
+from SpineInpaintLib.training.holes import case_training_arrays
 from SpineInpaintLib.training.loop import RunControl
 
 __all__ = [
@@ -86,9 +88,6 @@ def build_crop_cache(root: Path, *, phantom_seeds: Sequence[int] = (), real: Seq
     out (they are kept for evaluation).
     """
     from tqdm import tqdm
-
-    from SpineInpaintLib.data import cases as datasets
-    from SpineInpaintLib.training.holes import case_training_arrays
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core.labels import VERTEBRA_IDS, spine_mask
+from SpineInpaintLib.data import lesions
 from SpineInpaintLib.inpainting.crops import (
     CROP_SIZE,
 )
@@ -70,8 +71,6 @@ def case_training_arrays(case, *, lesions_per_level: int = 1, seed: int = 0, exc
     order); the holes are the masks of lesions simulated on the healthy case (70 % destructive,
     15 % with a collapse), cropped like the slices.
     """
-    from SpineInpaintLib.data import lesions
-
     case = case.oriented("LPS")
     labels = case.labels.array
     spine = spine_mask(labels).astype(np.float32)
