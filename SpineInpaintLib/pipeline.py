@@ -11,7 +11,7 @@
 4. **surfaces** -- a watertight surface of the restored spine and one per restored vertebra
    (:mod:`SpineInpaintLib.surface`).
 
-:func:`write_outputs` writes the contract files of ``DESIGN.md`` (``restored_ct.nii.gz``,
+:func:`write_outputs` writes the contract files of :data:`~SpineInpaintLib.core.outputs.OUTPUT_FILES` (``restored_ct.nii.gz``,
 ``spine_seg.nii.gz``, ``lesion_seg.nii.gz``, ``restored_seg.nii.gz``, ``restored_spine.stl``,
 ``report.json``, ``report.png``) into a fresh folder in one step: they are written to a temporary
 folder beside it and moved into place only when all succeeded, so a failure leaves no partial outputs.

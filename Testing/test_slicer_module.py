@@ -207,7 +207,7 @@ def test_licence_is_apache_2():
 
 # --- steps: commands, progress, background process -----------------------------------------------
 def contract_restore_parser(parser: argparse.ArgumentParser) -> None:
-    """The 'restore' arguments of the command-line contract (DESIGN.md), plus --method."""
+    """The 'restore' arguments of the command-line contract (README, Command line), plus --method."""
     parser.add_argument("ct")
     parser.add_argument("--out", required=True)
     parser.add_argument("--lesion-mask")

@@ -51,7 +51,7 @@ class Step:
     key: str
     title: str
     command: str
-    #: Files the command writes into ``--out`` (names from the command-line contract in DESIGN.md).
+    #: Files the command writes into ``--out`` (names from SpineInpaintLib.core.outputs.OUTPUT_FILES).
     outputs: tuple[str, ...]
 
 

@@ -21,9 +21,8 @@ __all__ = [
 #: The two networks of the paper.
 NETWORKS = ("unet", "vnet")
 
-#: The network used when none is named: the V-Net, which scores higher than the U-Net (test-phantom
-#: IoU 0.912 vs 0.871, restored L3 Dice 0.933 vs 0.909, README) and, run on the box around the spine
-#: that the U-Net finds first (:func:`locate_spine`), segments a 512x512x100 volume in about 15 s.
+#: The network used when none is named: the V-Net, the more accurate of the two (docs/models/vnet.md),
+#: run on the box around the spine that the U-Net finds first (:func:`locate_spine`).
 DEFAULT_NETWORK = "vnet"
 
 #: In-plane pixel size (mm) of the network grid of new training runs and of weights that do not
