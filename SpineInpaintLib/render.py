@@ -241,7 +241,6 @@ def _triangle_arrays(polydata, budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Points and triangles of ``polydata``, decimated to about ``budget`` triangles for drawing."""
     from vtkmodules.vtkFiltersCore import vtkQuadricDecimation, vtkTriangleFilter
 
-
     triangles = vtkTriangleFilter()
     triangles.SetInputData(polydata)
     triangles.Update()

@@ -570,7 +570,6 @@ def write_stl(
     else:
         writer.SetFileTypeToASCII()
 
-
     def write(temporary: str) -> None:
         writer.SetFileName(temporary)
         if writer.Write() != 1 or os.path.getsize(temporary) < 84:

@@ -81,7 +81,6 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_phantom(args: argparse.Namespace) -> int:
     """``phantom``: write phantom cases (and optionally DeepLesion, crops) with their manifest."""
 
-
     if args.cases < 0 or args.cases > 10_000:
         raise SpineInpaintError(f"--cases must be between 0 and 10000, got {args.cases}")
     if not 16 <= args.size <= 2048:

@@ -35,7 +35,6 @@ def run_train_segmentation(args: argparse.Namespace) -> int:
     """``train segmentation``: build the cache (rank 0), then train; prints the last epoch's metrics."""
     from tqdm import tqdm
 
-
     if args.phantoms < 0:
         raise SpineInpaintError(f"--phantoms must be >= 0, got {args.phantoms}")
     if args.varied_phantoms < 0:

@@ -252,7 +252,6 @@ class Detector:
     def predict(self, images) -> list[tuple[np.ndarray, np.ndarray]]:
         """(boxes (N, 4) x1, y1, x2, y2 in crop pixels, scores (N,)) per image of a batch in [0, 1]."""
 
-
         # The bare network, also under DDP: inference on one process must not wait for the others.
         model = unwrap(self.model)
         model.eval()

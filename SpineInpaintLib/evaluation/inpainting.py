@@ -212,7 +212,6 @@ def evaluate(lesions_: Sequence[EvalLesion], methods: Sequence[str], *, grey: bo
     """Run every method on every lesion; per-lesion rows, per-group means and KMMD (see :func:`run_evaluate`)."""
     from tqdm import tqdm
 
-
     models = models or _DEFAULT_CACHE
     rows: list[dict] = []
     crops: dict[str, dict[str, list]] = {}
@@ -435,7 +434,6 @@ def gan_table(models: ModelCache, healthy: np.ndarray, seed: int = 0, n: int = 5
 def gan_samples_png(models: ModelCache, healthy: np.ndarray, path, seed: int = 0, n: int = 12) -> None:
     """One row of samples per shipped GAN (binary), and a row of held-out healthy crops."""
     plt = pyplot()
-
 
     rows = {}
     for m in GAN_METHODS:

@@ -53,6 +53,7 @@ from SpineInpaintLib.core.weights import (
     save_weights,
 )
 from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.data import deeplesion
 from SpineInpaintLib.data.cases import case_seeds
 from SpineInpaintLib.data.deeplesion_export import group_by_image, select
 from SpineInpaintLib.detection import inference as det
@@ -259,8 +260,6 @@ def samples_from_deeplesion(root: str | Path, split: str | None = "train", *, rn
     else on the lesion shifted by up to ``max_shift_mm`` (a real DeepLesion folder has no spine mask).
     """
     from PIL import Image
-
-    from SpineInpaintLib.data import deeplesion
 
     root = Path(root)
     info = root / "DL_info.csv"

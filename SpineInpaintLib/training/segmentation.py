@@ -29,6 +29,7 @@ from SpineInpaintLib.core.labels import vertebra_mask
 from SpineInpaintLib.core.runtime import seed_everything
 from SpineInpaintLib.core.weights import load_weights, save_weights
 from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.data import deeplesion
 from SpineInpaintLib.segmentation import networks as seg
 from SpineInpaintLib.segmentation.inference import (
     NEIGHBOUR_MM,
@@ -36,6 +37,7 @@ from SpineInpaintLib.segmentation.inference import (
     channel_stack,
     to_network_grid,
 )
+from SpineInpaintLib.training import loop as training
 from SpineInpaintLib.training.loop import RunControl
 
 __all__ = [
@@ -200,8 +202,6 @@ def deeplesion_cases(root: Path) -> Iterable[datasets.Case]:
     (:func:`SpineInpaintLib.datasets.write_deeplesion`) holds the vertebra ids of each slice.
     """
     from PIL import Image
-
-    from SpineInpaintLib.data import deeplesion
 
     root = Path(root)
     info = root / "DL_info.csv"
@@ -401,8 +401,6 @@ def train_segmentation(config: SegmentationTrainConfig) -> dict:
     """
     import torch
     from tqdm import tqdm
-
-    from SpineInpaintLib.training import loop as training
 
     started = time.perf_counter()
     if config.threads:
