@@ -386,7 +386,7 @@ def test_fat_is_counted_inside_the_body_outline_only():
         (dict(spacing_xy=0.1), "spacing_xy"),
         (dict(spacing_xy=float("nan")), "spacing_xy"),
         (dict(slice_thickness=9.0), "slice_thickness"),
-        (dict(levels=("L3", "C4")), "not modelled"),
+        (dict(levels=("L3", "L6")), "unknown level"),
         (dict(levels=("L9",)), "unknown level"),
         (dict(levels=()), "levels is empty"),
         (dict(scoliosis_deg=25.0), "scoliosis_deg"),

@@ -1,13 +1,18 @@
 """Procedural spine CT phantoms with TotalSegmentator v2 labels, and their comparison with real scans."""
 
 from SpineInpaintLib.data.phantom.config import (
+    CONTRAST_PHASES,
     FIELD_LEVELS,
+    KERNELS,
     PHANTOM_ONLY_LABELS,
+    REGIONS,
     SUPPORTED_LEVELS,
     TISSUE_LABELS,
+    UPPER_LEVELS,
     Phantom,
     PhantomConfig,
     SpineLevel,
+    parse_levels,
     totalsegmentator_labels,
 )
 from SpineInpaintLib.data.phantom.generate import make_phantom
@@ -26,6 +31,11 @@ __all__ = [
     "PHANTOM_ONLY_LABELS",
     "SUPPORTED_LEVELS",
     "FIELD_LEVELS",
+    "UPPER_LEVELS",
+    "REGIONS",
+    "CONTRAST_PHASES",
+    "KERNELS",
+    "parse_levels",
     "PhantomConfig",
     "SpineLevel",
     "Phantom",

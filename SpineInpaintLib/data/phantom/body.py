@@ -35,6 +35,26 @@ from SpineInpaintLib.data.phantom.spine import _Vert
 _CRADLE_RADIUS = 1800.0
 
 
+def _smoothstep(t):
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+@dataclasses.dataclass
+class _UpperShape:
+    """The chest, neck and head of a whole-column phantom, as functions of z (mm)."""
+
+    cage_z: np.ndarray  # ascending z knots of the rib cage's narrowing toward the thoracic inlet
+    cage_f: np.ndarray  # lateral scale of the thoracic cavity at those knots (1 = the abdomen's)
+    z_cavity_top: float  # the lung apices (cupulae)
+    z_neck: tuple[float, float]  # the trunk outline turns into the neck between these z
+    neck_half: tuple[float, float, float]  # neck half width, front and back distance from the body centre
+    head: tuple[float, float, float, float, float]  # skull centre y, z and its half width, depth, height
+    z_fissure: tuple[float, float, float]  # oblique fissure z at the back and the front; horizontal fissure
+    back_z: np.ndarray  # ascending z knots of the posterior limit of the upper thoracic cavity
+    back_y: np.ndarray  # its y there: just in front of the ribs' posterior arcs, not the far back wall
+
+
 @dataclasses.dataclass
 class _Layout:
     """Per-slice anatomy curves (functions of z) and the body outline model."""
@@ -52,6 +72,7 @@ class _Layout:
     depth: float
     fat: float
     wobble: np.ndarray  # (3,) random phase and amplitude of the outline
+    upper: _UpperShape | None = None  # the chest, neck and head; None for the thoracolumbar phantom
 
     def spine(self, z: np.ndarray):
         """Vertebral-body centre line (x, y) and body half width and depth at each z."""
@@ -73,7 +94,48 @@ class _Layout:
         Bp = 0.42 * D + flat
         Ba = D - 0.42 * D
         yc = self.y_back + flat - Bp
+        if self.upper is not None:
+            A, Bp, Ba, yc = self._upper_outline(np.asarray(z, float), A, Bp, Ba, yc)
         return A, Bp, Ba, yc
+
+    def _upper_outline(self, z, A, Bp, Ba, yc):
+        """The trunk outline blended into the neck above the shoulders and into the head above C1."""
+        up = self.upper
+        _, ys, _, bs = self.spine(z)
+        a_n, front, back = up.neck_half
+        bn = (front + back + bs) / 2
+        ycn = ys + (back - front - bs) / 2
+        y_h, z_h, a_h, b_h, c_h = up.head
+        fac = np.sqrt(np.clip(1.0 - ((z - z_h) / (c_h + 6.0)) ** 2, 0.05, 1.0))
+        w_h = _smoothstep((z - (z_h - c_h - 6.0)) / 22.0)
+        a_n, bn, ycn = (a_n * (1 - w_h) + w_h * (a_h + 6.0) * fac, bn * (1 - w_h) + w_h * (b_h + 6.0) * fac,
+                        ycn * (1 - w_h) + w_h * y_h)
+        w = _smoothstep((z - up.z_neck[0]) / (up.z_neck[1] - up.z_neck[0]))
+        return (A * (1 - w) + w * a_n, Bp * (1 - w) + w * bn, Ba * (1 - w) + w * bn, yc * (1 - w) + w * ycn)
+
+    def cavity_adjust(self, z, y, x, d):
+        """Narrow the cavity's distance ``d`` toward the thoracic inlet, keep it in front of the posterior
+        rib arcs in the upper chest and end it at the lung apices."""
+        up = self.upper
+        if up is None:
+            return d
+        f = np.asarray(np.interp(np.ravel(z), up.cage_z, up.cage_f), dtype=_F).reshape(np.shape(z))
+        d = d + np.abs(x) * ((_F(1.0) - f) / f)
+        back = np.asarray(np.interp(np.ravel(z), up.back_z, up.back_y), dtype=_F).reshape(np.shape(z))
+        d = np.maximum(d, y - back)
+        return np.maximum(d, z - _F(up.z_cavity_top))
+
+    def rib_back(self, z: float) -> float:
+        """The most posterior y (mm) of the rib arcs at ``z`` (no limit below the upper chest)."""
+        if self.upper is None:
+            return 1e9
+        return float(np.interp(z, self.upper.back_z, self.upper.back_y)) + 6.0
+
+    def cage(self, z) -> np.ndarray:
+        """Lateral scale of the thoracic cavity at ``z`` (1 below the upper chest)."""
+        if self.upper is None:
+            return np.ones(np.shape(z))
+        return np.interp(z, self.upper.cage_z, self.upper.cage_f)
 
     def sdf(self, z, y, x, layer: str = "outer"):
         """Approximate signed distance (mm) to a body layer, arrays shaped (nz,1,1), (1,ny,1), (1,1,nx).
@@ -97,7 +159,7 @@ class _Layout:
         d = d + _F(2.0) + tf
         if layer == "deep":
             return d
-        return d + _F(12.0) - _F(6.0) * np.maximum(ny, _F(0.0))
+        return self.cavity_adjust(z, y, x, d + _F(12.0) - _F(6.0) * np.maximum(ny, _F(0.0)))
 
     def canal_at(self, z: np.ndarray):
         return tuple(np.interp(z, self.canal[:, 4], self.canal[:, i]) for i in range(4))
@@ -109,8 +171,8 @@ def _vertebra_extent(prims: Sequence[_Prim]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _make_layout(cfg: PhantomConfig, verts: list[_Vert], sacral: list[_Vert], tips_y: float,
-                 rng: np.random.Generator) -> _Layout:
-    chain = [v for v in reversed(sacral) if not v.name.startswith("Co")] + verts
+                 rng: np.random.Generator, upper: Sequence[_Vert] = ()) -> _Layout:
+    chain = [v for v in reversed(sacral) if not v.name.startswith("Co")] + verts + list(upper)
     zk = np.array([v.center[2] for v in chain])
     canal = []
     for v in chain:
@@ -156,8 +218,15 @@ _HU_ORGAN = {
 }
 
 
+#: Arterial-phase HU of the organs (the aorta's is ``cfg.arterial_hu``): cortical kidneys, little else.
+_HU_ARTERIAL = {"liver": 72.0, "spleen": 95.0, "kidney": 175.0, "ivc": 60.0, "bowel_wall": 70.0}
+
+
 def _organ_hu(cfg: PhantomConfig, name: str) -> float:
-    return _HU_ORGAN[name][1 if cfg.contrast else 0]
+    phase = cfg.phase
+    if phase == "arterial":
+        return cfg.arterial_hu if name == "aorta" else _HU_ARTERIAL[name]
+    return _HU_ORGAN[name][1 if phase == "portal" else 0]
 
 
 class _Painter:
@@ -219,7 +288,7 @@ class _Painter:
         # the inner faces of the fat and of the wall muscles, kept for clipping organs and muscles
         self.body_box = box
         self.body_deep = d + _F(2.0) + tf
-        self.body_cavity = self.body_deep + tm
+        self.body_cavity = lay.cavity_adjust(z, y, x, self.body_deep + tm)
         sub = self.ct[box[0]:box[1], box[2]:box[3], box[4]:box[5]]
         lab = self.lab[box[0]:box[1], box[2]:box[3], box[4]:box[5]]
         layers = (
@@ -410,12 +479,29 @@ def _paint_viscera(p: _Painter, verts: list[_Vert]) -> None:
         _paint(p.ct, p.lab, box, f_lung, lung_hu, None)
         zz, yy, xx = np.nonzero(f_lung >= 0.5)
         left = x[0, 0, xx] > xs[zz, 0, 0]
-        p.lab[box[0]:box[1], box[2]:box[3], box[4]:box[5]][zz, yy, xx] = np.where(
-            left, _L["lung_lower_lobe_left"], _L["lung_lower_lobe_right"]).astype(np.uint8)
+        lobes = np.where(left, _L["lung_lower_lobe_left"], _L["lung_lower_lobe_right"]).astype(np.uint8)
+        if lay.upper is not None:
+            lobes = _lobes(lay, lobes, left, z[zz, 0, 0], y[0, yy, 0])
+        p.lab[box[0]:box[1], box[2]:box[3], box[4]:box[5]][zz, yy, xx] = lobes
 
 
-def _paint_vessels(p: _Painter, verts: list[_Vert]) -> None:
-    """Aorta (bifurcating at L4) with calcified plaques, inferior vena cava and iliac vessels."""
+def _lobes(lay: _Layout, lobes: np.ndarray, left: np.ndarray, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Lung lobe labels of lung voxels at (z, y): above the oblique fissure (rising from the front of the
+    diaphragm to the back at T4) the upper lobes, and on the right the middle lobe below the
+    horizontal fissure."""
+    z_back, z_front, z_hor = lay.upper.z_fissure
+    y_front, y_back = float(lay.y_back) - lay.depth, float(lay.y_back)
+    t = np.clip((y - y_front) / (y_back - y_front), 0.0, 1.0)
+    above = z > z_front + (z_back - z_front) * t
+    out = lobes.copy()
+    out[above & left] = _L["lung_upper_lobe_left"]
+    out[above & ~left] = np.where(z[above & ~left] > z_hor, _L["lung_upper_lobe_right"], _L["lung_middle_lobe_right"])
+    return out
+
+
+def _paint_vessels(p: _Painter, verts: list[_Vert], z_aorta_top: float = 1e9, z_cava_top: float = 1e9) -> None:
+    """Aorta (bifurcating at L4) with calcified plaques, inferior vena cava and iliac vessels; the
+    whole-column phantom ends the aorta at its arch and the cava at the heart."""
     cfg, lay = p.cfg, p.layout
     z_l4, z_l5 = _z_of(verts, "L4"), _z_of(verts, "L5")
     sc = cfg.vertebra_scale
@@ -429,11 +515,11 @@ def _paint_vessels(p: _Painter, verts: list[_Vert]) -> None:
     cav_x = lambda z: spine(z)[0] - 22.0 * sc  # noqa: E731
     cav_y = lambda z: spine(z)[1] - spine(z)[3] - 10.0  # noqa: E731
     hu_ao, hu_cv = _organ_hu(cfg, "aorta"), _organ_hu(cfg, "ivc")
-    p.tube(z_l5 + 10, 1e9, cav_x, cav_y, _const(13.0 * sc), _const(9.0 * sc), hu_cv, _L["inferior_vena_cava"])
+    p.tube(z_l5 + 10, z_cava_top, cav_x, cav_y, _const(13.0 * sc), _const(9.0 * sc), hu_cv, _L["inferior_vena_cava"])
     for s, label in ((1.0, _L["iliac_vena_left"]), (-1.0, _L["iliac_vena_right"])):
         p.tube(-1e9, z_l5 + 12, lambda z, s=s: cav_x(z_l5 + 10) + 22 * sc + s * (10 + 0.45 * (z_l5 + 10 - z)),
                lambda z: cav_y(z) + 8.0, _const(7.5 * sc), _const(7.0 * sc), hu_cv, label)
-    ao = p.tube(z_l4, 1e9, ao_x, ao_y, _const(r_ao), _const(r_ao),
+    ao = p.tube(z_l4, z_aorta_top, ao_x, ao_y, _const(r_ao), _const(r_ao),
                 hu_ao, _L["aorta"])
     tubes = [ao]
     for s, label in ((1.0, _L["iliac_artery_left"]), (-1.0, _L["iliac_artery_right"])):
@@ -502,22 +588,32 @@ def _paint_muscles(p: _Painter, verts: list[_Vert]) -> None:
     def front(z):
         return lay.canal_at(np.asarray(z, float))[1]
 
-    y_in = lay.y_back - 2.0 - 0.6 * cfg.fat_mm
+    y_wall = lay.y_back - 2.0 - 0.6 * cfg.fat_mm
+
+    def y_in(z):
+        if lay.upper is None:
+            return y_wall
+        # in the upper chest the back wall lies far behind the spine: the erector spinae stays ~45 mm
+        # behind the rib arcs, the trapezius and rhomboids (other muscle) fill the rest
+        return np.minimum(y_wall, np.interp(z, lay.upper.back_z, lay.upper.back_y) + 51.0)
+
     for s, label in ((1.0, _L["autochthon_left"]), (-1.0, _L["autochthon_right"])):
         p.tube(-1e9, 1e9, lambda z, s=s: spine(z)[0] + s * (half_w(z) + 3.0),
-               lambda z: (front(z) + y_in) / 2 + 4.0, half_w,
-               lambda z: (y_in - front(z)) / 2 + 6.0, muscle_hu(fat), label, clip="deep", power=2.7)
+               lambda z: (front(z) + y_in(z)) / 2 + 4.0, half_w,
+               lambda z: (y_in(z) - front(z)) / 2 + 6.0, muscle_hu(fat), label, clip="deep", power=2.7)
 
 
-def _paint_canal(p: _Painter, verts: list[_Vert]) -> None:
-    """Spinal canal: epidural fat around the dural sac (CSF), the cord above the conus (L1)."""
+def _paint_canal(p: _Painter, verts: list[_Vert], z_sac_top: float = 1e9) -> None:
+    """Spinal canal: epidural fat around the dural sac (CSF, bright in a myelogram), the cord above the
+    conus (L1); the whole-column phantom ends the sac at the foramen magnum."""
     lay = p.layout
     z_conus = _z_of(verts, "L1") - 5.0
     c_at = lambda i: (lambda z: lay.canal_at(np.asarray(z, float))[i])  # noqa: E731
     p.tube(-1e9, 1e9, c_at(0), c_at(1), c_at(2), c_at(3), _HU["deep_fat"], _L["deep_fat"], clip=None)
     sac = lambda i, f: (lambda z: f * lay.canal_at(np.asarray(z, float))[i])  # noqa: E731
-    p.tube(_z_of(verts, "S1") - 25, 1e9, c_at(0), lambda z: c_at(1)(z) - 0.5, sac(2, 0.82), sac(3, 0.78),
-           _HU["csf"], _L["spinal_cord"], clip=None)
+    csf = p.cfg.myelogram_hu if p.cfg.phase == "myelogram" else _HU["csf"]
+    p.tube(_z_of(verts, "S1") - 25, z_sac_top, c_at(0), lambda z: c_at(1)(z) - 0.5, sac(2, 0.82), sac(3, 0.78),
+           csf, _L["spinal_cord"], clip=None)
     p.tube(z_conus, 1e9, c_at(0), lambda z: c_at(1)(z) - 0.8, _const(4.5),
            _const(3.8), _HU["cord"], _L["spinal_cord"], clip=None)
 
@@ -543,5 +639,11 @@ def _scanner(img: np.ndarray, cfg: PhantomConfig, grid: _Grid, rng: np.random.Ge
     if sigma > 0.05:
         ndimage.gaussian_filter1d(img, sigma, axis=2, output=img, truncate=3.0)
         ndimage.gaussian_filter1d(img, sigma, axis=1, output=img, truncate=3.0)
+    if cfg.kernel == "sharp" and cfg.sharpening > 0:
+        # a bone kernel: unsharp masking (image + s (image - blurred)), slice by slice to keep memory low
+        s_px, amount = 1.2 / grid.spacing[0], _F(cfg.sharpening)
+        for z in range(img.shape[0]):
+            low = ndimage.gaussian_filter(img[z], s_px, truncate=3.0)
+            img[z] += amount * (img[z] - low)
     np.clip(img, -1024, 3071, out=img)
     return np.rint(img).astype(np.int16)

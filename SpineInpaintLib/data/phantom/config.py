@@ -1,8 +1,11 @@
-"""Procedural CT phantoms of the thoracolumbar spine, in HU, with TotalSegmentator-style labels.
+"""Procedural CT phantoms of the spine, in HU, with TotalSegmentator-style labels.
 
-A phantom is a synthetic abdominal CT from T10 down to the sacrum with a known ground truth: every
-voxel's tissue is known. It is built from analytic shapes in millimetres (patient LPS coordinates)
-and then rasterised on the requested grid, so any spacing gives the same anatomy:
+A phantom is a synthetic CT with a known ground truth (every voxel's tissue is known): by default an
+abdominal CT from T10 down to the sacrum; asked for any level above T10 (``levels="C1-sacrum"``, a
+region such as "neck" or "chest", see :data:`REGIONS`), the whole column from C1 to the sacrum with
+the chest, neck and skull base around it. It is It is built from analytic shapes in millimetres (patient LPS coordinates)
+and then rasterised on the requested grid, so any spacing gives the same anatomy. The thoracolumbar
+phantom has:
 
 - the spine: a curved chain of vertebrae T10 ... L5, S1 and the sacrum below (lordosis, kyphosis,
   scoliosis with the apical vertebrae rotated), each with a vertebral body (a cortical shell around
@@ -15,6 +18,22 @@ and then rasterised on the requested grid, so any spacing gives the same anatomy
   spleen, kidneys, lung bases above the diaphragm, aorta (with calcified plaques) and inferior vena
   cava with the iliac vessels, small bowel and colon with gas and fluid;
 - air and the scanner table under the patient.
+
+The whole column adds (:mod:`.cervical`, :mod:`.ribcage`, :mod:`.thorax`), from random streams of
+its own so that every thoracolumbar phantom stays voxel for voxel what it was:
+
+- T9 ... T1 and C7 ... C1 with typical adult dimensions per level, the thoracic kyphosis and the
+  cervical lordosis; C2 with its dens rising into the atlas, C1 as a ring (anterior and posterior
+  arches, lateral masses, transverse processes), uncinate processes on C3-C7 and transverse foramina
+  in C1-C6;
+- ribs 1-12 left and right, each from its own vertebra (head at the body by the disc above,
+  tubercle at the transverse process) round the chest, ribs 1-7 joined to the sternum by costal
+  cartilages and 8-10 to the costal margin; the sternum, clavicles and scapulae; the skull base
+  (a shell over the brain, the foramen magnum over the canal);
+- the chest narrowing to the thoracic inlet, lungs in five lobes with vessel texture, the heart in
+  its pericardial fat, mediastinal fat, the aortic arch with the brachiocephalic trunk, carotid and
+  subclavian arteries, the superior vena cava, trachea, main bronchi and oesophagus; the neck (a
+  smaller outline, pharynx, thyroid) and the head outline above C1.
 
 Partial volume is modelled by anti-aliasing: every shape is a signed-distance-like function whose
 value is ramped over one voxel; bone is evaluated on sub-slices that are averaged over the slice
@@ -29,10 +48,13 @@ The anatomy lives in fixed patient coordinates: x = 0 is the midline, the S1 bod
 ``config.origin``).
 
 Labels (uint8). TotalSegmentator v2 ids wherever that model has the structure (vertebrae 25 sacrum,
-26 S1 ... 34 T10; 1 spleen, 2/3 kidneys, 5 liver, 11/14 lung lower lobes, 18 small bowel,
-20 colon, 52 aorta, 63 inferior vena cava, 65-68 iliac vessels, 77/78 hips, 79 spinal cord (the
-whole dural sac, as TotalSegmentator labels it), 86/87 autochthon, 88/89 iliopsoas, 101-103 and
-113-115 ribs 10-12, 117 costal cartilages) and ids from 200 up for tissues TotalSegmentator does
+26 S1 ... 34 T10 ... 43 T1, 44 C7 ... 50 C1; 1 spleen, 2/3 kidneys, 5 liver, 10-14 lung lobes,
+15 oesophagus, 16 trachea, 17 thyroid, 18 small bowel, 20 colon, 51 heart, 52 aorta,
+54 brachiocephalic trunk, 55/56 subclavian and 57/58 common carotid arteries, 62 superior and
+63 inferior vena cava, 65-68 iliac vessels, 71/72 scapulae, 73/74 clavicles, 75/76 femurs, 77/78 hips,
+79 spinal cord (the whole dural sac, as TotalSegmentator labels it), 86/87 autochthon, 88/89
+iliopsoas, 90 brain, 91 skull, 92-103 ribs left 1-12 and 104-115 right 1-12, 116 sternum,
+117 costal cartilages) and ids from 200 up for tissues TotalSegmentator does
 not label (see :data:`TISSUE_LABELS`; :func:`totalsegmentator_labels` maps them to 0). A vertebra
 label covers the whole vertebra, body and posterior elements, as TotalSegmentator's do; where two
 bones meet (costovertebral and sacro-iliac joints) the vertebra's label wins.
@@ -49,6 +71,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -57,8 +80,8 @@ from SpineInpaintLib.core.io import Volume
 from SpineInpaintLib.core.labels import THORACOLUMBAR, VERTEBRA_NAMES, vertebra_id
 
 __all__ = [
-    "TISSUE_LABELS", "PHANTOM_ONLY_LABELS", "SUPPORTED_LEVELS", "FIELD_LEVELS", "PhantomConfig", "SpineLevel",
-    "Phantom", "totalsegmentator_labels",
+    "TISSUE_LABELS", "PHANTOM_ONLY_LABELS", "SUPPORTED_LEVELS", "UPPER_LEVELS", "FIELD_LEVELS", "REGIONS",
+    "CONTRAST_PHASES", "KERNELS", "PhantomConfig", "SpineLevel", "Phantom", "parse_levels", "totalsegmentator_labels",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -71,17 +94,34 @@ TISSUE_LABELS: dict[str, int] = {
     "kidney_right": 2,
     "kidney_left": 3,
     "liver": 5,
+    "lung_upper_lobe_left": 10,
     "lung_lower_lobe_left": 11,
+    "lung_upper_lobe_right": 12,
+    "lung_middle_lobe_right": 13,
     "lung_lower_lobe_right": 14,
+    "esophagus": 15,
+    "trachea": 16,
+    "thyroid_gland": 17,
     "small_bowel": 18,
     "colon": 20,
     "sacrum": 25,
+    "heart": 51,
     "aorta": 52,
+    "brachiocephalic_trunk": 54,
+    "subclavian_artery_right": 55,
+    "subclavian_artery_left": 56,
+    "common_carotid_artery_right": 57,
+    "common_carotid_artery_left": 58,
+    "superior_vena_cava": 62,
     "inferior_vena_cava": 63,
     "iliac_artery_left": 65,
     "iliac_artery_right": 66,
     "iliac_vena_left": 67,
     "iliac_vena_right": 68,
+    "scapula_left": 71,
+    "scapula_right": 72,
+    "clavicula_left": 73,
+    "clavicula_right": 74,
     "femur_left": 75,
     "femur_right": 76,
     "hip_left": 77,
@@ -91,12 +131,11 @@ TISSUE_LABELS: dict[str, int] = {
     "autochthon_right": 87,
     "iliopsoas_left": 88,
     "iliopsoas_right": 89,
-    "rib_left_10": 101,
-    "rib_left_11": 102,
-    "rib_left_12": 103,
-    "rib_right_10": 113,
-    "rib_right_11": 114,
-    "rib_right_12": 115,
+    "brain": 90,
+    "skull": 91,
+    **{f"rib_left_{n}": 91 + n for n in range(1, 13)},
+    **{f"rib_right_{n}": 103 + n for n in range(1, 13)},
+    "sternum": 116,
     "costal_cartilages": 117,
     # phantom-only ids (TotalSegmentator leaves these tissues unlabelled)
     "intervertebral_disc": 200,
@@ -105,17 +144,30 @@ TISSUE_LABELS: dict[str, int] = {
     "skin": 203,
     "other_muscle": 204,
     "table": 205,
+    "supernumerary_rib": 206,  # a 13th (lumbar) rib: TotalSegmentator has no id for it
 }
 
 #: Ids that only the phantom uses; TotalSegmentator would leave these voxels at 0.
 PHANTOM_ONLY_LABELS: tuple[int, ...] = tuple(v for v in TISSUE_LABELS.values() if v >= 200)
 
-#: Vertebra ids the phantom models, caudal to cranial (S1 ... T10).
+#: Vertebra ids of the original thoracolumbar phantom, caudal to cranial (S1 ... T10).
 SUPPORTED_LEVELS: tuple[int, ...] = THORACOLUMBAR
 
-#: Levels a field of view may be asked to cover: the modelled vertebrae and the sacrum below S1
-#: (S2-S5, label 25), so that a scan can reach down into the pelvis as abdominal CTs do.
-FIELD_LEVELS: tuple[int, ...] = (25,) + SUPPORTED_LEVELS
+#: Vertebra ids the whole-column phantom adds above T10, caudal to cranial (T9 35 ... C1 50).
+UPPER_LEVELS: tuple[int, ...] = tuple(range(35, 51))
+
+#: Levels a field of view may be asked to cover: the sacrum below S1 (S2-S5, label 25, so that a scan
+#: can reach into the pelvis), S1 ... T10 and the column above up to C1.
+FIELD_LEVELS: tuple[int, ...] = (25,) + SUPPORTED_LEVELS + UPPER_LEVELS
+
+#: Named fields of view: region name -> (lowest, highest) level, both included.
+REGIONS: dict[str, tuple[str, str]] = {
+    "neck": ("T1", "C1"),
+    "chest": ("L1", "C7"),
+    "abdomen": ("sacrum", "T10"),
+    "thoracolumbar": ("S1", "T9"),
+    "whole": ("sacrum", "C1"),
+}
 
 _L = TISSUE_LABELS
 
@@ -140,6 +192,24 @@ _DIMS: dict[str, tuple[float, ...]] = {
     "L4": (49, 34, 26, 23, 17, 11.0, 13, 80, 22, 8, 8.0, 12.5),
     "L5": (51, 34, 25, 24, 16, 14.0, 12, 86, 18, 5, 7.0, 12.5),
     "S1": (50, 32, 27, 26, 13, 16.0, 14, 104, 12, 0, 6.0, 11.5),
+    # above T10 (Panjabi 1991 thoracic, Panjabi 1991/Gilad 1986 cervical series); C2's height is its
+    # body without the dens; C1 has no body (its width/depth are the dens' for the layout)
+    "T9": (34, 27, 20.5, 17, 15, 6.0, 12.5, 68, 30, 55, 5.0, 5.5),
+    "T8": (32, 26, 20, 16.5, 15, 5.5, 12, 70, 32, 60, 5.0, 5),
+    "T7": (31, 25, 19.5, 16, 15, 5.0, 11.5, 72, 33, 62, 5.0, 4.5),
+    "T6": (30, 24, 19, 16, 15, 5.0, 11, 74, 33, 60, 5.0, 4.5),
+    "T5": (29, 23, 18.5, 16, 15, 5.0, 10.5, 76, 32, 55, 5.0, 4.5),
+    "T4": (28, 22, 18, 16, 15, 5.0, 10, 78, 31, 50, 5.0, 4.5),
+    "T3": (28, 20, 17.5, 16.5, 15, 5.0, 10, 80, 30, 45, 5.0, 4.5),
+    "T2": (29, 18, 17, 17, 15, 5.5, 10, 82, 30, 35, 5.0, 4.5),
+    "T1": (30, 17, 15.5, 20, 14, 7.0, 9.5, 84, 32, 25, 5.0, 5),
+    "C7": (28, 16, 14.5, 23, 14, 6.0, 7.5, 72, 32, 20, 5.0, 5.5),
+    "C6": (25, 16, 13.5, 24, 14, 5.5, 7, 60, 20, 15, 4.5, 5.5),
+    "C5": (23, 15.5, 13, 24, 14, 5.5, 7, 58, 16, 15, 4.0, 5.5),
+    "C4": (22, 15.5, 13, 24, 14, 5.5, 7, 56, 15, 15, 4.0, 5),
+    "C3": (21, 15.5, 13, 23, 14.5, 5.5, 7, 54, 15, 15, 4.0, 5),
+    "C2": (19, 16, 15, 23, 16, 7.0, 9, 58, 22, 15, 6.0, 4.5),
+    "C1": (10, 10, 10, 28, 16, 7.0, 9, 76, 10, 0, 4.0, 3.0),
 }
 
 #: Share of the L1-S1 lordosis taken by each disc, caudal to cranial (L5/S1 ... L1/L2).
@@ -147,8 +217,74 @@ _LORDOSIS_SHARE = (0.36, 0.26, 0.17, 0.12, 0.09)
 
 
 # --------------------------------------------------------------------------------------------
+# Levels and regions
+# --------------------------------------------------------------------------------------------
+_LEVEL_HELP = "e.g. L3, T12, S1, sacrum, an id 25-50, a range 'T4-L2' or a region (" + ", ".join(REGIONS) + ")"
+
+
+def _one_level(token: str | int) -> int:
+    """The id of one level name or id, or a one-line :class:`SpineInpaintError`."""
+    try:
+        label = vertebra_id(token.strip() if isinstance(token, str) else token)
+    except (ValueError, TypeError):
+        raise SpineInpaintError(f"unknown level {token!r} (expected {_LEVEL_HELP})") from None
+    if label not in FIELD_LEVELS:
+        raise SpineInpaintError(f"level {VERTEBRA_NAMES[label]} (id {label}) is not modelled (C1 to the sacrum)")
+    return label
+
+
+def _level_range(a: int, b: int) -> tuple[int, ...]:
+    lo, hi = min(a, b), max(a, b)
+    return tuple(i for i in FIELD_LEVELS if lo <= i <= hi)
+
+
+def parse_levels(spec: str | int | Sequence[str | int]) -> tuple[int, ...]:
+    """Vertebra ids (sorted) of a level request.
+
+    ``spec`` is a region name (:data:`REGIONS`, or ``"C1-sacrum"``), a range of two levels joined by
+    ``-`` (``"T4-L2"``, either order, both included), comma-separated names or ranges (``"L1,L3"``),
+    one level, or a sequence of any of these.
+
+    Raises
+    ------
+    SpineInpaintError
+        One line naming the first token that is not a level, a range or a region.
+    """
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        return (_one_level(int(spec)),)
+    if isinstance(spec, str):
+        tokens = [t.strip() for t in spec.split(",")]
+    elif isinstance(spec, Sequence):
+        tokens = list(spec)
+    else:
+        raise SpineInpaintError(f"levels must be names, ids, a range or a region, got {spec!r}")
+    out: set[int] = set()
+    for token in tokens:
+        if isinstance(token, str) and token.strip().lower() in REGIONS:
+            a, b = REGIONS[token.strip().lower()]
+            out.update(_level_range(vertebra_id(a), vertebra_id(b)))
+        elif isinstance(token, str) and "-" in token.strip():
+            parts = token.split("-")
+            if len(parts) != 2 or not all(x.strip() for x in parts):
+                raise SpineInpaintError(f"bad level range {token!r} (expected {_LEVEL_HELP})")
+            out.update(_level_range(_one_level(parts[0]), _one_level(parts[1])))
+        elif isinstance(token, str) and not token.strip():
+            raise SpineInpaintError(f"empty level name in {spec!r} (expected {_LEVEL_HELP})")
+        else:
+            out.add(_one_level(token))
+    return tuple(sorted(out))
+
+
+# --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
+#: Contrast phases; ``True``/``False`` (the old boolean ``contrast``) read as "portal"/"none".
+CONTRAST_PHASES: tuple[str, ...] = ("none", "arterial", "portal", "myelogram")
+
+#: Reconstruction kernels: "standard" is the Gaussian PSF alone, "sharp" adds edge enhancement.
+KERNELS: tuple[str, ...] = ("standard", "sharp")
+
+
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise SpineInpaintError(f"{name} must be a finite number, got {value!r}")
@@ -176,15 +312,24 @@ class PhantomConfig:
         LPS position (mm) of voxel (0, 0, 0); ``None`` centres the grid on the requested levels
         (in y: on the body and table when the field of view holds them, else on the spinal canal).
     levels
-        Vertebrae the scan must cover (ids or names, within T10 ... S1, or ``"sacrum"`` for the
-        sacrum below S1 and the pelvis around it). The whole column from the sacrum to T10 always
-        exists; this only places the field of view.
+        Vertebrae the scan must cover: ids or names from C1 to S1, ``"sacrum"`` for the sacrum below
+        S1 and the pelvis around it, ranges (``"T4-L2"``, ``"C1-sacrum"``) or a region name
+        (:data:`REGIONS`: neck C1-T1, chest C7-L1, abdomen T10-sacrum, thoracolumbar T9-S1, whole);
+        see :func:`parse_levels`. This only places the field of view. When every level lies within
+        T10 ... sacrum the phantom is the original thoracolumbar one, voxel for voxel: the column
+        above T10 is then not painted (the slices of the top margin show soft tissue above T10).
+        Any level above T10 switches on the whole column (T9 ... C1 with ribs 1-9, sternum,
+        clavicles, scapulae, chest, neck and skull base), drawn from its own random streams.
     vertebra_scale, disc_height_scale
         Size factors of the vertebrae (0.7-1.3) and of the disc heights (0.3-1.6; thin = degenerate).
     lordosis_deg
         L1-S1 lordosis (Cobb, 0-80 deg), mostly in the lower discs.
     kyphosis_deg
         Thoracolumbar kyphosis T10-L1 (-20 to 40 deg).
+    thoracic_kyphosis_deg
+        Kyphosis from T10 up to T1 (0-70 deg; typical adult 20-45), shared evenly by those discs.
+    cervical_lordosis_deg
+        Cervical lordosis C7-C2 (-20 to 60 deg; negative is a kyphotic neck).
     scoliosis_deg
         Cobb angle of a C-shaped scoliosis (|value| <= 20 deg); positive is convex to the left.
     scoliosis_apex
@@ -205,13 +350,32 @@ class PhantomConfig:
         Bone and disc intensities (nominal, before partial volume, blur and noise) and the cortical
         shell thickness. The cancellous texture spans ``cancellous_hu`` +- 30 %% (at most +-70 HU).
     contrast
-        Portal-venous contrast enhancement of vessels, kidneys, liver, spleen and bowel wall.
+        Contrast phase (:data:`CONTRAST_PHASES`): "none"; "arterial" (aorta and arteries at
+        ``arterial_hu``, cortical kidneys, little organ enhancement); "portal" (portal-venous
+        enhancement of vessels, kidneys, liver, spleen and bowel wall, as today's ``True``);
+        "myelogram" (no intravenous contrast, the dural sac at ``myelogram_hu``). ``True`` and
+        ``False`` are accepted as "portal" and "none".
+    arterial_hu, myelogram_hu
+        Arterial blood pool HU in the arterial phase (150-700) and dural sac HU in a myelogram (150-1000).
     calcification
         Amount of calcified aortic plaque (0-1).
     noise_hu
         Standard deviation of the noise in soft tissue (HU), correlated by the point spread function.
     blur_mm
         Sigma (mm) of the in-plane Gaussian point spread function; 0 for none.
+    kernel
+        "standard" (the PSF alone) or "sharp" (a bone kernel: edge enhancement by an unsharp mask of
+        ``sharpening`` times the image minus its 1.2 mm blur, which also raises the noise).
+    sharpening
+        Strength of the sharp kernel's edge enhancement (0-3).
+    rib_pairs
+        Transitional anatomy: 12 (normal), 11 (no rib on T12: labels rib_*_12 absent) or 13 (a
+        short lumbar rib on L1, labelled ``supernumerary_rib`` 206, which TotalSegmentator does
+        not label: :func:`totalsegmentator_labels` sets it to 0). Ribs 1-12 keep their ids.
+    lumbarised_s1
+        Transitional anatomy: S1 is a mobile, lumbar-like vertebra (transverse processes instead of
+        alae, inferior articular processes) above a disc (label 200) and the sacrum below. It keeps
+        the S1 id (26) and the sacrum keeps 25, as TotalSegmentator v2 labels a lumbarised S1.
     sacrum_plate
         Draw S2-S5 as one wide plate bowed forward at its sides (56-23 mm half-widths, as a real
         sacrum) instead of a row of bodies and small lateral masses. Off by default, which keeps
@@ -233,7 +397,7 @@ class PhantomConfig:
     spacing_xy: float = 0.8
     slice_thickness: float = 2.5
     origin: tuple[float, float, float] | None = None
-    levels: tuple[int | str, ...] = THORACOLUMBAR
+    levels: tuple[int | str, ...] | str = THORACOLUMBAR
     vertebra_scale: float = 1.0
     disc_height_scale: float = 1.0
     lordosis_deg: float = 45.0
@@ -250,22 +414,38 @@ class PhantomConfig:
     cortical_mm: float = 0.7
     cancellous_hu: float = 160.0
     disc_hu: float = 76.0
-    contrast: bool = True
+    contrast: bool | str = True
     calcification: float = 0.3
     noise_hu: float = 15.0
     blur_mm: float = 0.5
     sacrum_plate: bool = False
     sacroiliac_joint: bool = False
     sacrum_upright: bool = False
+    thoracic_kyphosis_deg: float = 35.0
+    cervical_lordosis_deg: float = 20.0
+    arterial_hu: float = 380.0
+    myelogram_hu: float = 450.0
+    kernel: str = "standard"
+    sharpening: float = 1.0
+    rib_pairs: int = 12
+    lumbarised_s1: bool = False
 
     # ---------------------------------------------------------------------------------------
     @classmethod
-    def random(cls, seed: int, **overrides) -> PhantomConfig:
+    def random(cls, seed: int, extended: bool = False, **overrides) -> PhantomConfig:
         """A varied, plausible configuration drawn from ``seed``; ``overrides`` fix any field.
 
         Draws the grid (0.5-1.0 mm pixels, 1-3 mm slices), the anatomy (sizes, discs, lordosis
         25-65 deg, kyphosis, scoliosis up to 15 deg in a third of the cases with a matching
         rotation, body habitus, muscle fat) and the scanner (noise 8-25 HU, blur, contrast).
+        Without ``extended`` the draws are those of the thoracolumbar phantom (the same config
+        for a seed as before the whole column existed). ``extended`` also draws, from a stream of
+        its own, the whole-column variety: a field of view cut at any levels C1 ... sacrum (or a
+        region), thoracic kyphosis and cervical lordosis, bone density from osteopenic to dense
+        (cancellous 80-300 HU), the contrast phase (none, arterial, portal, myelogram), noise 5-35
+        HU, the kernel, slices 0.5-5 mm (at least 1.25 mm beyond 8 levels) and, in a few percent of
+        draws each, transitional anatomy
+        (11 or 13 rib pairs, a lumbarised S1).
         """
         rng = np.random.default_rng([int(seed), 7919])
         scoliotic = rng.random() < 1 / 3
@@ -296,35 +476,33 @@ class PhantomConfig:
             noise_hu=round(float(rng.uniform(8, 25)), 1),
             blur_mm=round(float(rng.uniform(0.3, 0.8)), 2),
         )
+        if extended:
+            values.update(_extended_draws(int(seed)))
         values.update(overrides)
         return cls(**values)
 
     # ---------------------------------------------------------------------------------------
     def level_ids(self) -> tuple[int, ...]:
-        """The requested levels as sorted ids (validated)."""
-        if isinstance(self.levels, (str, int)):
-            raise SpineInpaintError("levels must be a sequence of vertebra ids or names, e.g. ('L1', 'L2')")
-        if len(self.levels) == 0:
-            raise SpineInpaintError("levels is empty: name at least one vertebra between T10 and the sacrum")
-        out = set()
-        for level in self.levels:
-            try:
-                label = vertebra_id(level)
-            except ValueError:
-                raise SpineInpaintError(
-                    f"unknown level {level!r} (expected e.g. L3, T12, S1, sacrum or an id 25-34)"
-                ) from None
-            if label not in FIELD_LEVELS:
-                raise SpineInpaintError(
-                    f"level {VERTEBRA_NAMES[label]} (id {label}) is not modelled: "
-                    "the phantom covers T10 to the sacrum (ids 25-34)"
-                )
-            out.add(label)
-        return tuple(sorted(out))
+        """The requested levels as sorted ids (validated; see :func:`parse_levels`)."""
+        if not isinstance(self.levels, str) and isinstance(self.levels, Sequence) and len(self.levels) == 0:
+            raise SpineInpaintError("levels is empty: name at least one vertebra between C1 and the sacrum")
+        return parse_levels(self.levels)
+
+    @property
+    def whole_column(self) -> bool:
+        """True when a level above T10 is requested: the column above T10 and the chest are painted."""
+        return max(self.level_ids()) > max(SUPPORTED_LEVELS)
+
+    @property
+    def phase(self) -> str:
+        """The contrast phase, with the old booleans read as "portal" (True) and "none" (False)."""
+        if isinstance(self.contrast, (bool, np.bool_)):
+            return "portal" if self.contrast else "none"
+        return str(self.contrast).lower()
 
     def validate(self) -> None:
         """Raise :class:`SpineInpaintError` naming the first invalid field."""
-        for flag in ("sacrum_plate", "sacroiliac_joint", "sacrum_upright"):
+        for flag in ("sacrum_plate", "sacroiliac_joint", "sacrum_upright", "lumbarised_s1"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise SpineInpaintError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
@@ -380,12 +558,24 @@ class PhantomConfig:
         _check_range("calcification", self.calcification, 0.0, 1.0)
         _check_range("noise_hu", self.noise_hu, 0.0, 100.0)
         _check_range("blur_mm", self.blur_mm, 0.0, 3.0)
+        _check_range("thoracic_kyphosis_deg", self.thoracic_kyphosis_deg, 0.0, 70.0)
+        _check_range("cervical_lordosis_deg", self.cervical_lordosis_deg, -20.0, 60.0)
+        _check_range("arterial_hu", self.arterial_hu, 150.0, 700.0)
+        _check_range("myelogram_hu", self.myelogram_hu, 150.0, 1000.0)
+        _check_range("sharpening", self.sharpening, 0.0, 3.0)
+        if not isinstance(self.contrast, (bool, np.bool_, str)) or self.phase not in CONTRAST_PHASES:
+            raise SpineInpaintError(f"contrast must be one of {', '.join(CONTRAST_PHASES)} (or True/False), "
+                                    f"got {self.contrast!r}")
+        if self.kernel not in KERNELS:
+            raise SpineInpaintError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if isinstance(self.rib_pairs, bool) or self.rib_pairs not in (11, 12, 13):
+            raise SpineInpaintError(f"rib_pairs must be 11, 12 or 13, got {self.rib_pairs!r}")
 
     def to_dict(self) -> dict:
         """JSON-ready copy of the fields."""
         d = dataclasses.asdict(self)
         d["shape_xy"] = list(self.shape_xy)
-        d["levels"] = list(self.levels)
+        d["levels"] = self.levels if isinstance(self.levels, str) else list(self.levels)
         d["origin"] = None if self.origin is None else list(self.origin)
         return d
 
@@ -434,9 +624,10 @@ class Phantom:
     ct
         HU, int16, identity direction (LPS).
     labels
-        uint8 on the same grid (ids: :data:`TISSUE_LABELS` and the vertebra ids 25-34).
+        uint8 on the same grid (ids: :data:`TISSUE_LABELS` and the vertebra ids 25-50).
     centerline
-        Every modelled vertebra, caudal to cranial (sacrum, S1 ... T10), with its pose.
+        Every modelled vertebra, caudal to cranial (sacrum, S1 ... T10, and on up to C1 when the
+        whole column is painted), with its pose.
     config
         The configuration it was made from.
     """
@@ -461,7 +652,37 @@ class Phantom:
     def levels_in_view(self) -> tuple[int, ...]:
         """Vertebra ids with at least one labelled voxel in the volume."""
         present = np.unique(self.labels.array)
-        return tuple(int(v) for v in present if 25 <= v <= 34)
+        return tuple(int(v) for v in present if 25 <= v <= 50)
+
+
+def _extended_draws(seed: int) -> dict:
+    """The whole-column variety of :meth:`PhantomConfig.random` (``extended``), from its own stream."""
+    rng = np.random.default_rng([seed, 7920])
+    ids = FIELD_LEVELS
+    if rng.random() < 0.35:
+        levels: str | tuple[str, ...] = str(rng.choice(list(REGIONS)))
+    else:
+        i, j = sorted(int(v) for v in rng.integers(0, len(ids), 2))
+        levels = (VERTEBRA_NAMES[ids[i]], VERTEBRA_NAMES[ids[j]])
+    transition = rng.random()
+    # sub-millimetre slices only for short fields of view: a whole column at 0.5 mm is ~1400 slices
+    thin = len(parse_levels(levels)) <= 8
+    thickness = [0.5, 0.625, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0] if thin else [1.25, 1.5, 2.0, 2.5, 3.0, 5.0]
+    return dict(
+        levels=levels,
+        thoracic_kyphosis_deg=round(float(rng.uniform(15, 55)), 1),
+        cervical_lordosis_deg=round(float(rng.uniform(-5, 40)), 1),
+        cancellous_hu=round(float(rng.uniform(80, 300))),
+        contrast=str(rng.choice(CONTRAST_PHASES, p=[0.2, 0.25, 0.45, 0.1])),
+        arterial_hu=round(float(rng.uniform(300, 450))),
+        myelogram_hu=round(float(rng.uniform(300, 600))),
+        noise_hu=round(float(rng.uniform(5, 35)), 1),
+        kernel="sharp" if rng.random() < 0.3 else "standard",
+        sharpening=round(float(rng.uniform(0.5, 1.5)), 2),
+        slice_thickness=float(rng.choice(thickness)),
+        rib_pairs=11 if transition < 0.03 else 13 if transition < 0.06 else 12,
+        lumbarised_s1=bool(rng.random() < 0.04),
+    )
 
 
 def totalsegmentator_labels(labels: Volume) -> Volume:

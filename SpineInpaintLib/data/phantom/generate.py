@@ -22,7 +22,9 @@ from SpineInpaintLib.data.phantom.body import (
     _vertebra_extent,
     _z_of,
 )
-from SpineInpaintLib.data.phantom.config import _L, Phantom, PhantomConfig, SpineLevel
+from SpineInpaintLib.data.phantom.cervical import _build_upper, _cervical_prims
+from SpineInpaintLib.data.phantom.config import _L, SUPPORTED_LEVELS, Phantom, PhantomConfig, SpineLevel
+from SpineInpaintLib.data.phantom.ribcage import _paint_chest_bones, _skull_shape
 from SpineInpaintLib.data.phantom.shapes import _dilated, _Grid, _paint, _rasterise
 from SpineInpaintLib.data.phantom.skeleton import (
     _SI_JOINT_GAP,
@@ -31,12 +33,8 @@ from SpineInpaintLib.data.phantom.skeleton import (
     _rib_prims,
     _sacroiliac_prims,
 )
-from SpineInpaintLib.data.phantom.spine import (
-    _build_spine,
-    _disc_prims,
-    _sacrum_prims,
-    _vertebra_prims,
-)
+from SpineInpaintLib.data.phantom.spine import _build_spine, _disc_prims, _sacrum_prims
+from SpineInpaintLib.data.phantom.thorax import _paint_heart, _paint_mediastinum, _upper_shape
 
 __all__ = ["make_phantom"]
 
@@ -69,9 +67,10 @@ def _place_grid(cfg: PhantomConfig, lay: _Layout, ext: dict[int, tuple[np.ndarra
         origin = (-(nx - 1) / 2 * dxy, ycen - (ny - 1) / 2 * dxy, zc - (nz - 1) / 2 * dz)
     z_first, z_last = origin[2] - dz / 2, origin[2] + (nz - 0.5) * dz
     if z_first < z_model[0] - 30.0 or z_last > z_model[1] + 30.0:
+        top = "the skull base" if cfg.whole_column else "T10 (ask for a level above T10 for the whole column)"
         raise SpineInpaintError(
             f"the grid spans z = {z_first:.0f} to {z_last:.0f} mm but the phantom models only "
-            f"{z_model[0]:.0f} to {z_model[1]:.0f} mm (hip joints to T10): use fewer or thinner slices"
+            f"{z_model[0]:.0f} to {z_model[1]:.0f} mm (hip joints to {top}): use fewer or thinner slices"
         )
     if not any(ext[i][1][2] >= z_first and ext[i][0][2] <= z_last for i in levels):
         raise SpineInpaintError("the grid holds none of the requested levels (check origin and n_slices)")
@@ -79,7 +78,7 @@ def _place_grid(cfg: PhantomConfig, lay: _Layout, ext: dict[int, tuple[np.ndarra
 
 
 def make_phantom(config: PhantomConfig | None = None, **overrides) -> Phantom:
-    """Make a phantom CT of the thoracolumbar spine with its label map.
+    """Make a phantom CT of the spine (thoracolumbar, or the whole column C1-sacrum) with its label map.
 
     Parameters
     ----------
@@ -112,27 +111,54 @@ def make_phantom(config: PhantomConfig | None = None, **overrides) -> Phantom:
     rng_geo, rng_tex, rng_noise = (np.random.default_rng(s) for s in seeds)
 
     verts, sacral = _build_spine(cfg, rng_geo)
-    vprims = [_vertebra_prims(v, verts[i + 1] if i + 1 < len(verts) else None) for i, v in enumerate(verts)]
+    whole = cfg.whole_column
+    # the column above T10 draws from streams of its own: the thoracolumbar phantom keeps every voxel
+    upper = _build_upper(cfg, verts[-1], np.random.default_rng([int(cfg.seed), 20261208])) if whole else []
+    chain = verts + upper
+    vprims = [_cervical_prims(v, chain[i + 1] if i + 1 < len(chain) else None) for i, v in enumerate(chain)]
     sprims = _sacrum_prims(sacral, verts[0], plate=cfg.sacrum_plate)
-    ext = {v.label: _vertebra_extent(pr[0]) for v, pr in zip(verts, vprims)}
+    ext = {v.label: _vertebra_extent(pr[0]) for v, pr in zip(chain, vprims)}
     sac_lo, sac_hi = _vertebra_extent(sprims[0])
     # The "sacrum" level's field of view reaches 20 mm below the sacrum: the hip joints beside it.
     ext[25] = (sac_lo - np.array([0.0, 0.0, 20.0]), sac_hi)
-    tips_y = max(max(e[1][1] for e in ext.values()), float(sac_hi[1]))
-    layout = _make_layout(cfg, verts, sacral, tips_y, rng_geo)
+    tips_y = max(max(e[1][1] for k, e in ext.items() if k <= max(SUPPORTED_LEVELS)), float(sac_hi[1]))
+    if whole:  # the thoracic spinous processes lie on the table too
+        tips_y = max(tips_y, max(e[1][1] for e in ext.values()) - 10.0)
+    layout = _make_layout(cfg, verts, sacral, tips_y, rng_geo, upper)
     gap = float(rng_geo.uniform(4.0, 12.0))
-    z_model = (float(sac_lo[2]) - 20.0, float(ext[verts[-1].label][1][2]))
+    by = {v.name: v for v in chain}
+    if whole:
+        layout.upper = _upper_shape(cfg, by, _z_of(verts, "T12"))
+        skull = _skull_shape(by["C1"])
+        z_model = (float(sac_lo[2]) - 20.0, skull[1])
+    else:
+        z_model = (float(sac_lo[2]) - 20.0, float(ext[verts[-1].label][1][2]))
     grid = _place_grid(cfg, layout, ext, z_model, layout.y_back + gap + 42.0)
 
     p = _Painter(cfg, grid, layout, rng_tex)
     p.table(gap)
     p.body()
     _paint_viscera(p, verts)
-    _paint_vessels(p, verts)
-    _paint_muscles(p, verts)
-    _paint_canal(p, verts)
+    shared_rng, own_rng = p.rng, np.random.default_rng([int(cfg.seed), 20261209])
+    if whole:
+        p.rng = own_rng
+        _paint_heart(p, by)
+        p.rng = shared_rng
+        _paint_vessels(p, verts, by["T4"].center[2], by["T9"].center[2] - 5.0)
+        _paint_muscles(p, verts)
+        _paint_canal(p, verts, skull[1] - skull[4] + 6.0)
+        p.rng = own_rng
+        _paint_mediastinum(p, by)
+        p.rng = shared_rng
+    else:
+        _paint_vessels(p, verts)
+        _paint_muscles(p, verts)
+        _paint_canal(p, verts)
     p.drop_cache()
-    for lo, up in zip(verts[:-1], verts[1:]):
+    pairs = [(lo, up) for lo, up in zip(chain[:-1], chain[1:]) if up.name != "C1"]  # no disc under the atlas
+    if cfg.lumbarised_s1:
+        pairs.append((sacral[0], verts[0]))
+    for lo, up in pairs:
         # annulus fibrosus, then the nucleus pulposus (a smaller, posterior footprint) inside it
         dhu = cfg.disc_hu - 0.5 * (_HU["annulus"] + _HU["nucleus"])
         for nucleus in (False, True):
@@ -161,16 +187,28 @@ def make_phantom(config: PhantomConfig | None = None, **overrides) -> Phantom:
         p.bone(head, [], femur, cfg.cortical_hu * 0.9, cfg.cancellous_hu * 0.9, cort_mm=max(cfg.cortical_mm, 1.2))
     p.rng = shared_rng
     for v in verts:
-        if v.name in ("T10", "T11", "T12"):
+        if v.name in ("T10", "T11", "T12") and not (v.name == "T12" and cfg.rib_pairs == 11):
             number = int(v.name[1:])
             for side, base in ((1.0, 91), (-1.0, 103)):  # rib_left_n = 91 + n, rib_right_n = 103 + n
                 rib, cart = _rib_prims(p, v, side, number)
                 p.bone(rib, [], base + number, v.cortical_hu * 0.9, v.cancellous_hu, cort_mm=1.1)
                 if cart:
                     p.soft(cart, [], _HU["cartilage"], _L["costal_cartilages"], clip=None, k=p.k)
+    p.rng = own_rng
+    if cfg.rib_pairs == 13:  # a short lumbar rib on L1, which TotalSegmentator has no id for
+        l1 = by["L1"]
+        for side in (1.0, -1.0):
+            rib, _ = _rib_prims(p, l1, side, 12)
+            p.bone(rib, [], _L["supernumerary_rib"], l1.cortical_hu * 0.9, l1.cancellous_hu, cort_mm=1.1)
+    if whole:
+        _paint_chest_bones(p, upper)
+    p.rng = shared_rng
     p.bone(sprims[0], sprims[1], _L["sacrum"], sacral[0].cortical_hu, sacral[0].cancellous_hu)
-    for v, (prims, cuts) in zip(verts, vprims):
+    for v, (prims, cuts) in zip(chain, vprims):
+        if v.label > max(SUPPORTED_LEVELS):
+            p.rng = own_rng
         p.bone(prims, cuts, v.label, v.cortical_hu, v.cancellous_hu)
+    p.rng = shared_rng
 
     labels = p.lab
     ct = _scanner(p.ct, cfg, grid, rng_noise)
@@ -178,8 +216,8 @@ def make_phantom(config: PhantomConfig | None = None, **overrides) -> Phantom:
     geom = dict(spacing=grid.spacing, origin=grid.origin, direction=np.eye(3))
     centerline = tuple(
         SpineLevel(v.label, v.name, v.center.copy(), v.frame.copy(), v.dims["width"], v.dims["depth"],
-                   v.dims["height"], v.dims["disc_above"] if i + 1 < len(verts) else 0.0)
-        for i, v in enumerate(verts)
+                   v.dims["height"], v.dims["disc_above"] if i + 1 < len(chain) else 0.0)
+        for i, v in enumerate(chain)
     )
     s2 = sacral[0]
     sacrum = SpineLevel(25, "sacrum", s2.center.copy(), s2.frame.copy(), s2.dims["width"], s2.dims["depth"],

@@ -38,20 +38,25 @@ class _Vert:
     cancellous_hu: float
 
 
+def _level_dims(cfg: PhantomConfig, rng: np.random.Generator, name: str) -> dict[str, float]:
+    """The morphometry of one level, scaled by the config's size and the level's random jitter."""
+    jit = cfg.level_jitter
+    d = dict(zip(_DIMS_KEYS, (float(x) for x in _DIMS[name])))
+    f = cfg.vertebra_scale * (1.0 + jit * float(rng.normal()))
+    for key in ("width", "depth", "height", "canal_w", "canal_d", "ped_w", "ped_h", "tp_span", "sp_len", "sp_half"):
+        d[key] *= f
+    d["disc_above"] *= cfg.disc_height_scale * (1.0 + jit * float(rng.normal()))
+    return d
+
+
 def _build_spine(cfg: PhantomConfig, rng: np.random.Generator) -> tuple[list[_Vert], list[_Vert]]:
     """Poses of S1 ... T10 and of the sacral segments S2 ... S5 (S1 body centre at the origin)."""
     names = [VERTEBRA_NAMES[i] for i in SUPPORTED_LEVELS]
     n = len(names)
     jit = cfg.level_jitter
-    dims = []
-    for name in names:
-        d = dict(zip(_DIMS_KEYS, (float(x) for x in _DIMS[name])))
-        f = cfg.vertebra_scale * (1.0 + jit * float(rng.normal()))
-        for key in ("width", "depth", "height", "canal_w", "canal_d", "ped_w", "ped_h", "tp_span", "sp_len",
-                    "sp_half"):
-            d[key] *= f
-        d["disc_above"] *= cfg.disc_height_scale * (1.0 + jit * float(rng.normal()))
-        dims.append(d)
+    dims = [_level_dims(cfg, rng, name) for name in names]
+    if cfg.lumbarised_s1:
+        dims[0]["mobile"] = 1.0  # S1 drawn as a lumbar vertebra above an S1/S2 disc
     # sagittal tilt: the lordosis is shared by the lumbar discs, the kyphosis by T10-L1
     theta = np.zeros(n)
     theta[0] = -(0.6 * cfg.lordosis_deg + 8.0)
@@ -94,22 +99,32 @@ def _build_spine(cfg: PhantomConfig, rng: np.random.Generator) -> tuple[list[_Ve
     s1 = verts[0]
     center, prev_h, prev_theta = s1.center.copy(), s1.dims["height"], theta[0]
     segments = [(44, 27, 23, 10), (36, 22, 19, 12), (28, 17, 15, 13), (20, 13, 11, 13)]
+    s1_disc = _S1_DISC_MM * cfg.disc_height_scale if cfg.lumbarised_s1 else 0.0
     if cfg.sacrum_upright:  # taller segments and a stronger curve (a real sacrum: ~110 mm, 50-60 deg)
         segments = [(44, 27, 25, 10), (36, 22, 22, 14), (28, 17, 18, 16), (20, 13, 14, 16),
                     (14, 10, 12, 14), (9, 7, 16, 12)]
     for i, (w, dep, hgt, dtheta) in enumerate(segments):
         sc = cfg.vertebra_scale
         th = prev_theta + dtheta if cfg.sacrum_upright else prev_theta - dtheta
-        step = prev_h / 2 + hgt * sc / 2 - 0.5
+        step = prev_h / 2 + hgt * sc / 2 - 0.5 + (s1_disc if i == 0 else 0.0)
         mid = _frame((prev_theta + th) / 2, phi[0], 0.0)[:, 2]
         center = center - step * mid
-        d = dict(s1.dims, width=w * sc, depth=dep * sc, height=hgt * sc, disc_above=0.0, scale=sc,
+        d = dict(s1.dims, width=w * sc, depth=dep * sc, height=hgt * sc, disc_above=s1_disc if i == 0 else 0.0,
+                 scale=sc,
                  canal_w=(22 - 3 * i) * sc, canal_d=(9 - 1.5 * i) * sc)
         name = f"S{i + 2}" if i < 4 else f"Co{i - 3}"
         sacral.append(_Vert(25, name, d, center.copy(), _frame(th, phi[0], 0.0), s1.cortical_hu,
                             s1.cancellous_hu * 0.85))
         prev_h, prev_theta = hgt * sc, th
     return verts, sacral
+
+
+#: Height (mm, before ``disc_height_scale``) of the S1/S2 disc under a lumbarised S1.
+_S1_DISC_MM = 8.0
+
+#: Pedicle convergence (deg, toward the midline anteriorly) by level; cervical pedicles converge most.
+_PEDICLE_ANGLE = {"T10": 4, "T11": 5, "T12": 7, "L1": 9, "L2": 11, "L3": 14, "L4": 17, "L5": 24, "S1": 30,
+                  "T1": 25, "T2": 15, "T3": 9, "C7": 35, "C6": 40, "C5": 42, "C4": 42, "C3": 42, "C2": 35}
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,14 +176,15 @@ def _vertebra_prims(vt: _Vert, upper: _Vert | None) -> tuple[list[_Prim], list[_
     a, b, h = d["width"] / 2, d["depth"] / 2, d["height"]
     hc = h / 2
     cw, cd = d["canal_w"] / 2, d["canal_d"] / 2
-    thoracic = vt.name.startswith("T")
-    sacral = vt.name == "S1"
+    thoracic = vt.name[0] in "TC"  # cervical posterior elements are as slender as thoracic ones
+    cervical = vt.name.startswith("C")
+    sacral = vt.name == "S1" and "mobile" not in d
     disc = d["disc_above"] if upper is not None else 6.0
     v_c = 0.80 * b + cd + 0.5  # canal centre
     prims = [_Prim(c, fr, np.array([-a - 1, -b - 1, -hc - 1]), np.array([a + 1, 0.85 * b + 1, hc + 1]),
                    _body_sdf(a, b, hc))]
     pw, ph = d["ped_w"] / 2, d["ped_h"] / 2
-    angle = {"T10": 4, "T11": 5, "T12": 7, "L1": 9, "L2": 11, "L3": 14, "L4": 17, "L5": 24, "S1": 30}[vt.name]
+    angle = _PEDICLE_ANGLE.get(vt.name, 5)
     tan_a = math.tan(math.radians(angle))
     u_p = cw + pw - 0.5
     w_p = 0.14 * h
@@ -208,11 +224,12 @@ def _vertebra_prims(vt: _Vert, upper: _Vert | None) -> tuple[list[_Prim], list[_
             ala_c = c + fr @ np.array([s * (a + 0.5 * (half_span - a)), 0.25 * b, -0.05 * h])
             prims.append(_ellipsoid_prim(ala_c, fr, (0.5 * (half_span - a) + 6, 0.75 * b + 4, 0.42 * h + 2)))
     else:
-        tp_back = {"T10": 16, "T11": 12, "T12": 8}.get(vt.name, 2.0)
-        tp_r = 4.5 if thoracic else 4.3
+        tp_back = {"T10": 16, "T11": 12, "T12": 8}.get(vt.name, -6.0 if cervical else 18.0 if thoracic else 2.0)
+        tp_r = 5.0 if cervical else 4.5 if thoracic else 4.3
         for s in (-1.0, 1.0):
             a3 = np.array([s * (cw + pw), v_c - 1.0, w_p])
-            b3 = np.array([s * d["tp_span"] / 2, v_c + tp_back, w_p + (1.0 if thoracic else 0.0)])
+            tp_half = d["tp_span"] / 2 * (0.8 if vt.name == "S1" else 1.0)  # a mobile S1: no alae
+            b3 = np.array([s * tp_half, v_c + tp_back, w_p + (1.0 if thoracic else 0.0)])
             prims.append(_capsule_prim(c, fr, a3, b3, tp_r, scale=(1.0, 1.0, 0.75)))
     # articular processes: the superior ones rise to the disc above, the inferior ones hang below
     r_f = 3.6 if thoracic else 4.5
