@@ -164,6 +164,18 @@ class SimulatedLesion:
     seed: int
     params: dict
 
+    @classmethod
+    def from_arrays(cls, ct: Volume, labels: Volume, image: np.ndarray, mask: np.ndarray, lesion_mask: np.ndarray,
+                    bone_destroyed: np.ndarray, boxes: tuple, params: dict) -> SimulatedLesion:
+        """A result on ``ct``'s grid from its arrays, ``boxes`` = ``(boxes_2d, box_3d, box_3d_lps)`` of ``mask``
+        and ``params`` (which give the level, type, destructiveness, collapse and seed); copies the truth."""
+        boxes_2d, box_3d, box_lps = boxes
+        return cls(ct=ct.with_array(image), mask=ct.with_array(mask), lesion_mask=ct.with_array(lesion_mask),
+                   bone_destroyed=ct.with_array(bone_destroyed), healthy_ct=ct.copy(), healthy_labels=labels.copy(),
+                   level=params["level"], lesion_type=params["lesion_type"], destructive=params["destructive"],
+                   collapse=params["collapse"], boxes_2d=boxes_2d, box_3d=box_3d, box_3d_lps=box_lps,
+                   seed=params["seed"], params=params)
+
     @property
     def level_name(self) -> str:
         """Name of the level, e.g. ``'L3'``."""
@@ -595,24 +607,8 @@ def _result(ct: Volume, labels: Volume, slices: tuple[slice, slice, slice], imag
     lesion_full[slices][lesion] = 1
     destroyed_full = np.zeros(ct.shape, dtype=np.uint8)
     destroyed_full[slices][lesion & vert] = 1
-    boxes_2d, box_3d, box_lps = _boxes(ct, changed, [sl.start for sl in slices])
-    return SimulatedLesion(
-        ct=ct.with_array(out),
-        mask=ct.with_array(mask_full),
-        lesion_mask=ct.with_array(lesion_full),
-        bone_destroyed=ct.with_array(destroyed_full),
-        healthy_ct=ct.copy(),
-        healthy_labels=labels.copy(),
-        level=params["level"],
-        lesion_type=params["lesion_type"],
-        destructive=params["destructive"],
-        collapse=params["collapse"],
-        boxes_2d=boxes_2d,
-        box_3d=box_3d,
-        box_3d_lps=box_lps,
-        seed=params["seed"],
-        params=params,
-    )
+    boxes = _boxes(ct, changed, [sl.start for sl in slices])
+    return SimulatedLesion.from_arrays(ct, labels, out, mask_full, lesion_full, destroyed_full, boxes, params)
 
 
 def _draw_destructive_angles(rng: np.random.Generator, tries: int = 12) -> list[float]:
