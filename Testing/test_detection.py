@@ -20,6 +20,7 @@ from SpineInpaintLib.core.weights import save_weights, sha256_of
 from SpineInpaintLib.data import cases as datasets
 from SpineInpaintLib.evaluation.detection import evaluate_detection, truth_box_3d, tune_volume_level
 from SpineInpaintLib.training import detection as dt
+from SpineInpaintLib.training import detection_cases
 
 
 # --- crop geometry ----------------------------------------------------------------------------------
@@ -438,7 +439,7 @@ def test_hard_negative_phantoms_follow_the_other_cases_and_reach_s1():
     assert len(negatives) == 12 and all(options == {"min_negatives": 30} for _, _, options in negatives)
     assert all(datasets.split_of(key[:12]) == "train" for key, _, _ in negatives)
     levels = [make.keywords["levels"] for _, make, _ in negatives]
-    assert all(len(w) == 3 and set(w) <= set(dt._NEGATIVE_LEVELS) for w in levels)
+    assert all(len(w) == 3 and set(w) <= set(detection_cases._NEGATIVE_LEVELS) for w in levels)
     assert any("S1" in w for w in levels) and all(make.keywords["lesion_types"] is None for _, make, _ in negatives)
     # The aggregate of the training samples is kept per case list; the per-case files are shared.
     paths = [dt.training_cache_paths(dt.TrainConfig(cache="c", negative_phantoms=n)) for n in (0, 0, 12)]

@@ -245,7 +245,7 @@ def test_shipped_binary_gans_load_verify_and_sample(model):
 @pytest.mark.slow
 def test_torchrun_two_processes_train_one_model(crop_cache, tmp_path):
     out = tmp_path / "ddp"
-    code = ("import sys; from SpineInpaintLib import gan; gan.train_gan(gan.GANTrainConfig(model='wgan-gp', "
+    code = ("import sys; from SpineInpaintLib.training import gan; gan.train_gan(gan.GANTrainConfig(model='wgan-gp', "
             f"data=r'{crop_cache}', out=r'{out}', epochs=1, iters_per_epoch=2, batch_size=4, width=4, "
             "critic_width=4, n_critic=1, device='cpu', threads=1, progress=False))")
     script = tmp_path / "run.py"

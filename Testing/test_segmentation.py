@@ -30,6 +30,7 @@ from SpineInpaintLib.segmentation.inference import (
     to_network_grid,
 )
 from SpineInpaintLib.segmentation.vertebrae import clean_mask, directional_flood, number_chain, split_vertebrae
+from SpineInpaintLib.training import augment
 from SpineInpaintLib.training import segmentation as st
 from SpineInpaintLib.training.segmentation import segmentation_loss, train_transforms
 
@@ -651,16 +652,18 @@ def test_real_weight_draws_real_scans_more_often(tiny_cache):
 
 
 def test_low_resolution_augmentation_blurs_the_image_only():
+    # Moved to the shared domain randomisation: --low-resolution sets its in-plane resolution probability.
     rng = np.random.default_rng(0)
-    image = rng.random((4, 64, 64)).astype(np.float32)
-    label = (rng.random((1, 64, 64)) > 0.5).astype(np.float32)
-    out = train_transforms(0, low_resolution=1.0).transforms[-1]({"image": image, "label": label})
-    coarse = np.asarray(out["image"])
-    assert coarse.shape == image.shape
-    np.testing.assert_array_equal(np.asarray(out["label"]), label)
+    ct = io.Volume(rng.normal(0.0, 200.0, (6, 64, 64)).astype(np.float32), (1.5, 1.5, 2.0))
+    labels = ct.with_array((rng.random((6, 64, 64)) > 0.5).astype(np.uint8))
+    domain = st.SegmentationTrainConfig(net="unet", out="o", cache="c", low_resolution=1.0).domain_config()
+    only = augment.DomainRandomisation.off(in_plane_probability=domain.in_plane_probability)
+    out, out_labels, record = augment.randomise_domain(ct, labels, 0, only)
+    assert record["in_plane_zoom"] is not None and out.shape == ct.shape
+    np.testing.assert_array_equal(out_labels.array, labels.array)
     # Down-sampling then up-sampling removes fine detail: less variance between neighbouring pixels.
-    assert np.abs(np.diff(coarse, axis=-1)).mean() < 0.8 * np.abs(np.diff(image, axis=-1)).mean()
-    assert len(train_transforms(0).transforms) == len(train_transforms(0, 0.3).transforms) - 1
+    assert np.abs(np.diff(out.array, axis=-1)).mean() < 0.8 * np.abs(np.diff(ct.array, axis=-1)).mean()
+    assert [type(t).__name__ for t in train_transforms(0).transforms] == ["RandAffined", "RandFlipd"]
 
 
 def test_cli_train_segmentation_single_process(tiny_cache, tmp_path, capsys):
@@ -712,21 +715,19 @@ def test_torchrun_two_processes_on_cpu(tiny_cache, tmp_path):
 
 
 def test_intensity_augmentation_remaps_the_image_monotonically_and_keeps_the_label():
+    # Moved to the shared domain randomisation: --intensity-augment sets its gamma probability.
     rng = np.random.default_rng(1)
-    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32)
-    image = np.broadcast_to(ramp, (4, 64, 64)).copy()
-    label = (rng.random((1, 64, 64)) > 0.5).astype(np.float32)
-    transforms = train_transforms(0, intensity=1.0).transforms
-    assert len(transforms) == len(train_transforms(0).transforms) + 2
-    gamma, shift = transforms[-2], transforms[-1]
+    ramp = np.linspace(-1000.0, 1500.0, 64, dtype=np.float32)
+    ct = io.Volume(np.broadcast_to(ramp, (4, 64, 64)).copy(), (1.5, 1.5, 2.0))
+    labels = ct.with_array((rng.random((4, 64, 64)) > 0.5).astype(np.uint8))
+    domain = st.SegmentationTrainConfig(net="unet", out="o", cache="c", intensity=1.0).domain_config()
+    only = augment.DomainRandomisation.off(gamma_probability=domain.gamma_probability)
     changed = 0
-    for _ in range(5):
-        out = shift(gamma({"image": image, "label": label}))
-        remapped = np.asarray(out["image"])
-        np.testing.assert_array_equal(np.asarray(out["label"]), label)
-        assert remapped.shape == image.shape
-        # One mapping for every channel, and it keeps the order of the values (bone stays brighter).
-        np.testing.assert_allclose(remapped[1:], np.broadcast_to(remapped[0], (3, 64, 64)), atol=1e-6)
-        assert np.all(np.diff(remapped[0, 0]) >= -1e-6)
-        changed += not np.allclose(remapped, image, atol=1e-3)
+    for seed in range(5):
+        out, out_labels, _ = augment.randomise_domain(ct, labels, seed, only)
+        np.testing.assert_array_equal(out_labels.array, labels.array)
+        # One mapping for every voxel, and it keeps the order of the values (bone stays brighter).
+        np.testing.assert_allclose(out.array, np.broadcast_to(out.array[0, 0], ct.shape), atol=1e-3)
+        assert np.all(np.diff(out.array[0, 0]) >= -1e-3)
+        changed += not np.allclose(out.array, ct.array, atol=1.0)
     assert changed >= 4

@@ -31,6 +31,7 @@ from SpineInpaintLib.training.gan import (
     _average_gradients,
     _broadcast,
     _jsonable,
+    cached_real_scans,
     gradient_penalty,
     load_crop_dataset,
     save_sample_grid,
@@ -204,7 +205,8 @@ def train_context(config: ContextTrainConfig) -> dict:
                              "critic_width": cfg.critic_width, "parameters_critic": count_parameters(critic)},
             "input": {"channels": ["known z-1", "hole z-1", "known z", "hole z", "known z+1", "hole z+1",
                                    "adjacent-vertebra prior"], "crop_size": SIZE, "orientation": "LPS"},
-            "training": _jsonable(cfg), "epochs_done": epoch, "seed": cfg.seed,
+            "training": {**_jsonable(cfg), "real_scans": cached_real_scans(cfg.data)}, "epochs_done": epoch,
+            "seed": cfg.seed,
             "train_seconds": round(elapsed_before + time.perf_counter() - t0, 1),
             "metrics": {"validation (256 holes, 60 % simulated lesions)": val_metrics},
         }

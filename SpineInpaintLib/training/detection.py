@@ -30,13 +30,12 @@ unchanged under ``torchrun`` (:mod:`SpineInpaintLib.training`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,6 @@ from SpineInpaintLib.core.weights import (
 )
 from SpineInpaintLib.data import cases as datasets
 from SpineInpaintLib.data import deeplesion
-from SpineInpaintLib.data.cases import case_seeds
 from SpineInpaintLib.data.deeplesion_export import group_by_image, select
 from SpineInpaintLib.detection import inference as det
 from SpineInpaintLib.detection.networks import (
@@ -64,7 +62,14 @@ from SpineInpaintLib.detection.networks import (
     check_box_loss,
 )
 from SpineInpaintLib.evaluation.metrics.boxes import coco_ap, froc
+from SpineInpaintLib.training import augment as domain_randomisation
 from SpineInpaintLib.training import loop as training
+from SpineInpaintLib.training.detection_cases import (
+    NEGATIVE_PHANTOM_SLICES,
+    CaseSpec,
+    case_specs,
+    make_detection_cases,
+)
 from SpineInpaintLib.training.loop import RunControl
 
 __all__ = [
@@ -86,15 +91,6 @@ SMALL_BOX_MM = 10.0
 #: Loss columns of the metrics log (RetinaNet's and Faster R-CNN's names).
 _LOSS_COLUMNS = ("loss", "classification", "box_regression", "loss_classifier", "loss_objectness")
 
-#: Levels a phantom's field of view is drawn around (3 consecutive levels between L5 and T10).
-_PHANTOM_LEVELS = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10")
-
-#: Levels of the hard-negative phantoms (``negative_phantoms``): S1 too, whose junction with the sacral
-#: ala the detector took for a lesion; a window of 3 levels cuts a vertebra at each end of the field.
-_NEGATIVE_LEVELS = ("S1",) + _PHANTOM_LEVELS
-
-#: Spine slices kept as negatives from each hard-negative phantom (a healthy case gives 6 otherwise).
-NEGATIVE_PHANTOM_SLICES = 30
 
 
 def cache_size(crop_size: int = det.CROP_SIZE) -> int:
@@ -300,69 +296,17 @@ def samples_from_deeplesion(root: str | Path, split: str | None = "train", *, rn
 
 
 
-def _phantom_levels(seed: int, levels: Sequence[str] = _PHANTOM_LEVELS) -> tuple[str, ...]:
-    k = int(np.random.default_rng([seed, 31337]).integers(0, len(levels) - 2))
-    return tuple(levels[k:k + 3])
-
-
-#: One case of :func:`case_specs`: its cache key, its generator and options of :func:`samples_from_case`
-#: that apply to it alone.
-CaseSpec = tuple[str, Callable[[], datasets.Case], dict]
-
-
-def case_specs(split: str, *, phantoms: int, real: int, healthy_phantoms: int = 0, healthy_real: bool = False,
-               negative_phantoms: int = 0, real_name: str = "totalsegmentator",
-               lesion_types: Sequence[str] = ("lytic", "sclerotic", "mixed"),
-               ) -> list[CaseSpec]:
-    """``(key, make_case, options)`` of one split: phantoms and real-scan seeds whose ids fall in ``split``.
-
-    Lesion types are cycled over the cases. Lesioned phantoms use the first ``phantoms`` seeds of the
-    split, healthy ones the following ``healthy_phantoms``, hard-negative ones the following
-    ``negative_phantoms``. Each phantom covers 3 consecutive levels between L5 and T10 (drawn from its
-    seed) to keep generation fast; hard-negative phantoms are healthy, their levels lie between S1 and
-    T10 and up to ``NEGATIVE_PHANTOM_SLICES`` of their spine slices are kept (``options``). The key
-    names the case and its lesion type (the same case id may carry different lesions).
-    """
-    specs: list[CaseSpec] = []
-    seeds = case_seeds("phantom", split, phantoms + healthy_phantoms + negative_phantoms)
-    for k, seed in enumerate(seeds):
-        if k >= phantoms + healthy_phantoms:
-            specs.append((f"phantom_{seed:04d}_negatives",
-                          functools.partial(datasets.phantom_case, seed, lesion_types=None,
-                                            levels=_phantom_levels(seed, _NEGATIVE_LEVELS)),
-                          {"min_negatives": NEGATIVE_PHANTOM_SLICES}))
-            continue
-        types = [lesion_types[k % len(lesion_types)]] if k < phantoms else None
-        specs.append((f"phantom_{seed:04d}_{types[0] if types else 'healthy'}",
-                      functools.partial(datasets.phantom_case, seed, lesion_types=types,
-                                        levels=_phantom_levels(seed)), {}))
-    for k, seed in enumerate(case_seeds(f"real_{real_name}", split, real)):
-        t = lesion_types[k % len(lesion_types)]
-        specs.append((f"real_{real_name}_{seed:04d}_{t}",
-                      functools.partial(datasets.real_case, real_name, seed=seed, lesion_types=[t]), {}))
-    if healthy_real:
-        specs.append((f"real_{real_name}_healthy",
-                      functools.partial(datasets.real_case, real_name, seed=0, lesion_types=None), {}))
-    return specs
-
-
-def make_detection_cases(split: str, **kwargs) -> Iterator[datasets.Case]:
-    """The cases of :func:`case_specs`, generated one by one; a case the generators reject is skipped
-    with a warning (a phantom draw can be invalid)."""
-    for key, make, _ in case_specs(split, **kwargs):
-        try:
-            yield make()
-        except SpineInpaintError as err:
-            warnings.warn(f"skipped case {key}: {err}", stacklevel=2)
-
-
 def build_sample_set(specs: Sequence[CaseSpec], *, seed: int,
-                     cache: str | Path | None = None, progress: bool = False, **kwargs) -> SampleSet:
+                     cache: str | Path | None = None, progress: bool = False,
+                     domain: domain_randomisation.DomainRandomisation | None = None, **kwargs) -> SampleSet:
     """Samples of every case (see :func:`samples_from_case`; ``kwargs`` and then each spec's own
     options), seeded per case.
 
-    With ``cache``, each case's samples are kept in ``cache/<key>.npz`` and reused (a crash or a
-    second detector loses no work). Cases the generators reject are skipped with a warning.
+    With ``domain``, each case first goes through the shared domain randomisation in 3D
+    (:func:`SpineInpaintLib.training.augment.randomise_case`: one draw per case, seeded by ``seed`` and
+    its key; lesioned and healthy CT alike); give it for training cases only. With ``cache``, each
+    case's samples are kept in ``cache/<key>.npz`` and reused (a crash or a second detector loses no
+    work). Cases the generators reject are skipped with a warning.
     """
     sets = []
     iterator = specs
@@ -381,6 +325,9 @@ def build_sample_set(specs: Sequence[CaseSpec], *, seed: int,
             warnings.warn(f"skipped case {key}: {err}", stacklevel=2)
             continue
         rng = np.random.default_rng([seed, int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)])
+        if domain is not None:
+            case_seed = domain_randomisation.case_seed(seed, key, "domain")
+            case = domain_randomisation.randomise_case(case, case_seed, domain)
         samples = samples_from_case(case, rng=rng, **{**kwargs, **options})
         if path is not None:
             samples.save(path)
@@ -436,6 +383,10 @@ class TrainConfig(RunControl):
     real: int = 20
     val_phantoms: int = 6
     val_real: int = 6
+    #: Real scans of the registry the lesions of ``real`` / ``val_real`` are simulated on (each).
+    real_scans: tuple[str, ...] = ("totalsegmentator",)
+    #: Lesion simulator of the simulated lesions: classic, focal or both (one per case).
+    simulator: str = "both"
     deeplesion: str | None = None
     epochs: int = 30
     steps_per_epoch: int = 100
@@ -448,6 +399,9 @@ class TrainConfig(RunControl):
     small_box_weight: float = 1.0
     grid_mm: float = det.GRID_MM
     crop_size: int = det.CROP_SIZE
+    #: Shared 3D domain randomisation of the training cases (never validation); None: off.
+    domain: domain_randomisation.DomainRandomisation | None = dataclasses.field(
+        default_factory=domain_randomisation.DomainRandomisation)
 
     def default_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.arch == "retinanet" else 2e-4)
@@ -455,22 +409,35 @@ class TrainConfig(RunControl):
 
 def _aggregate_path(cache: Path, name: str, specs: Sequence[CaseSpec]) -> Path:
     """``cache/<name>-<digest of the case keys>.npz``: an aggregate serves only the cases it was built
-    from (the per-case files are reused by any case list)."""
+    from (the per-case files are reused by any case list, randomised or not: see :func:`_train_names`)."""
     digest = hashlib.sha256("\n".join(key for key, _, _ in specs).encode()).hexdigest()[:10]
     return cache / f"{name}-{digest}.npz"
 
 
 def _training_specs(config: TrainConfig) -> tuple[list[CaseSpec], list[CaseSpec]]:
-    train = case_specs("train", phantoms=config.phantoms, real=config.real,
-                       healthy_phantoms=config.healthy_phantoms, negative_phantoms=config.negative_phantoms,
-                       healthy_real=True)
-    return train, case_specs("val", phantoms=config.val_phantoms, real=config.val_real)
+    common = dict(simulator=config.simulator)
+    train = case_specs("train", phantoms=config.phantoms, real=0, healthy_phantoms=config.healthy_phantoms,
+                       negative_phantoms=config.negative_phantoms, **common)
+    val = case_specs("val", phantoms=config.val_phantoms, real=0, **common)
+    for name in config.real_scans:
+        train += case_specs("train", phantoms=0, real=config.real, real_name=name, healthy_real=True, **common)
+        val += case_specs("val", phantoms=0, real=config.val_real, real_name=name, **common)
+    return train, val
+
+
+def _train_names(config: TrainConfig) -> tuple[str, str]:
+    """Names of the training aggregate and per-case folder: randomised samples never mix with plain ones."""
+    if config.domain is None:
+        return "train", "cases"
+    digest = domain_randomisation.domain_digest(config.domain)
+    return f"train_dr{digest}", f"cases_dr{digest}"
 
 
 def training_cache_paths(config: TrainConfig) -> tuple[Path, Path]:
     """Where :func:`training_data` keeps the training and validation samples of ``config``'s cases."""
     train, val = _training_specs(config)
-    return _aggregate_path(Path(config.cache), "train", train), _aggregate_path(Path(config.cache), "val", val)
+    return (_aggregate_path(Path(config.cache), _train_names(config)[0], train),
+            _aggregate_path(Path(config.cache), "val", val))
 
 
 def _cached(path: Path, build, size: int, grid_mm: float) -> SampleSet:
@@ -492,12 +459,12 @@ def training_data(config: TrainConfig,
     cache = Path(config.cache)
     main = ctx is None or ctx.is_main
     train_specs, val_specs = _training_specs(config)
-    train_path, val_path = _aggregate_path(cache, "train", train_specs), _aggregate_path(cache, "val", val_specs)
+    train_path, val_path = training_cache_paths(config)
     grid = {"size": cache_size(config.crop_size), "grid_mm": config.grid_mm}
     if main:
         def build_train():
-            return build_sample_set(train_specs, seed=config.seed, cache=cache / "cases",
-                                    progress=config.progress, **grid)
+            return build_sample_set(train_specs, seed=config.seed, cache=cache / _train_names(config)[1],
+                                    progress=config.progress, domain=config.domain, **grid)
 
         def build_val():
             return build_sample_set(val_specs, seed=config.seed + 1, cache=cache / "cases_val",
@@ -746,7 +713,9 @@ def _metadata(config: TrainConfig, seed: int, scored: dict, train: SampleSet, va
         "training": {**dataclasses.asdict(config), "seed": seed, "train_samples": len(train),
                      "val_samples": len(val), "samples_per_source": sources,
                      "augmentation": "rotation +-15 deg, left-right flip, crop shift +-12 mm, scale 0.9-1.1, "
-                                     "Gaussian noise 0-25 HU"},
+                                     "Gaussian noise 0-25 HU"
+                                     + ("; shared 3D domain randomisation of the training cases "
+                                        "(training.augment, 'domain')" if config.domain is not None else "")},
         "metrics": {"val_ap50": scored["ap50"], "val_ap50_95": scored.get("ap50_95"), "epoch": scored["epoch"],
                     "weights": "moving average of the weights (--ema)" if config.ema else "the weights"},
     }

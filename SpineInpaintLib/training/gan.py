@@ -32,6 +32,7 @@ from SpineInpaintLib.inpainting.networks import (
     default_weights_path,
     sample,
 )
+from SpineInpaintLib.training import augment
 from SpineInpaintLib.training import loop as training
 from SpineInpaintLib.training.holes import case_training_arrays
 from SpineInpaintLib.training.loop import RunControl
@@ -63,6 +64,10 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
 # --------------------------------------------------------------------------------------------
 # Data: healthy vertebra crops (cached per case as .npz)
 # --------------------------------------------------------------------------------------------
+#: The shared domain randomisation of the GAN/context training cases (frozen, so a safe default argument).
+_DEFAULT_DOMAIN = augment.DomainRandomisation()
+
+
 def phantom_overrides(seed: int) -> dict:
     """The compact phantom our GAN data and inpainting evaluation use: a 256x256 grid (the spine and its
     surroundings; 128-256 mm wide) covering four consecutive levels drawn from T11-S1 by ``seed``.
@@ -77,15 +82,22 @@ def phantom_overrides(seed: int) -> dict:
 
 def build_crop_cache(root: Path, *, phantom_seeds: Sequence[int] = (), real: Sequence[str] = (),
                      real_holdout_levels: Sequence[int] = (28, 29, 30), lesions_per_level: int = 1,
-                     max_lesion_levels: int = 3, seed: int = 0, progress: bool = True) -> list[Path]:
+                     max_lesion_levels: int = 3, seed: int = 0, progress: bool = True,
+                     domain: augment.DomainRandomisation | None = _DEFAULT_DOMAIN,
+                     simulator: str = "both") -> list[Path]:
     """Build (or reuse) one ``.npz`` per case under ``root`` with everything GAN/context training needs.
 
     Per case: binary and grey 64x64 crops of every vertebra slice (:func:`SpineInpaintLib.datasets.
     vertebra_crops`'s selection and geometry), per crop the level, slice, relative height, the
     neighbour-vertebra prior (binary and grey) and the index of the slices above and below; and the
     hole masks of ``lesions_per_level`` simulated lesions per level (mostly destructive), cropped
-    the same way. Cases already in ``root`` are skipped. Real scans leave ``real_holdout_levels``
-    out (they are kept for evaluation).
+    the same way. Real scans leave ``real_holdout_levels`` out (they are kept for evaluation).
+
+    Training-split cases first go through the shared domain randomisation (``domain``, one 3D draw per
+    case seeded by ``seed`` and the case id, :func:`SpineInpaintLib.training.augment.randomise_case`;
+    ``None``: off); validation cases never do. Cases already in ``root`` are skipped when built with
+    the same ``domain`` and lesion ``simulator`` (classic, focal or both: see
+    :func:`SpineInpaintLib.training.holes.case_training_arrays`; both recorded in the file), rebuilt otherwise.
     """
     from tqdm import tqdm
 
@@ -96,18 +108,39 @@ def build_crop_cache(root: Path, *, phantom_seeds: Sequence[int] = (), real: Seq
     for source, key in tqdm(jobs, desc="crop cache", unit="case", disable=not progress):
         case_id = f"phantom_{key:04d}" if source == "phantom" else f"real_{key}_0000"
         path = root / f"{case_id}.npz"
-        if path.exists():
+        randomise = domain is not None and datasets.split_of(case_id) == "train"
+        wanted = augment.domain_digest(domain if randomise else None)
+        if path.exists() and _cached_domain(path) == wanted and _cached_simulator(path) == simulator:
             written.append(path)
             continue
         case = (datasets.phantom_case(key, lesion_types=None, **phantom_overrides(key)) if source == "phantom"
                 else datasets.real_case(key, seed=0, lesion_types=None))
+        record = None
+        if randomise:
+            case = augment.randomise_case(case, augment.case_seed(seed, case.case_id, "domain"), domain)
+            record = case.info["domain_randomisation"]
         exclude = tuple(real_holdout_levels) if source == "real" else ()
         data = case_training_arrays(case, lesions_per_level=lesions_per_level, seed=seed,
-                                               exclude_levels=exclude, max_lesion_levels=max_lesion_levels)
+                                    exclude_levels=exclude, max_lesion_levels=max_lesion_levels, simulator=simulator)
         data["split"] = np.array(datasets.split_of(case.case_id))
+        data["domain"] = np.array(wanted)
+        data["domain_record"] = np.array(json.dumps(record))
+        data["simulator"] = np.array(simulator)
         np.savez_compressed(path, **data)
         written.append(path)
     return written
+
+
+def _cached_simulator(path: Path) -> str:
+    """The lesion simulator a cached case's holes were drawn with (``'classic'`` for files that predate it)."""
+    with np.load(path) as data:
+        return str(data["simulator"]) if "simulator" in data.files else "classic"
+
+
+def _cached_domain(path: Path) -> str:
+    """The domain randomisation a cached case was built with (``'off'`` for files that predate it)."""
+    with np.load(path) as data:
+        return str(data["domain"]) if "domain" in data.files else "off"
 
 
 @dataclasses.dataclass
@@ -285,9 +318,15 @@ def _gan_metadata(cfg: GANTrainConfig, g: nn.Module, d: nn.Module, part: str, ex
         "input": {"crop_size": SIZE, "crop_fov_mm": CROP_FOV_MM, "orientation": "LPS",
                   "grey_window_hu": list(CROP_WINDOW), "range": [0.0, 1.0],
                   "binary": cfg.kind == "binary"},
-        "training": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)},
+        "training": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)},
+                     "real_scans": cached_real_scans(cfg.data)},
         **extra,
     }
+
+
+def cached_real_scans(data: str | Path) -> list[str]:
+    """The real scans whose crops a GAN crop cache holds (its ``real_<scan>_0000.npz`` files)."""
+    return sorted(p.name[len("real_"):-len("_0000.npz")] for p in Path(data).glob("real_*_0000.npz"))
 
 
 _TABLE_II = {

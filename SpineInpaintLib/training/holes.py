@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core.labels import VERTEBRA_IDS, spine_mask
-from SpineInpaintLib.data import lesions
+from SpineInpaintLib.data import lesions, lesions_focal
 from SpineInpaintLib.inpainting.crops import (
     CROP_SIZE,
 )
@@ -63,13 +63,23 @@ def random_hole(rng: np.random.Generator, body: np.ndarray) -> np.ndarray:
     return hole
 
 
+def _focal_hole(rng: np.random.Generator, case, level: int):
+    """A focal lesion at ``level``: any kind and location, 15 % with a collapse (not at C1)."""
+    collapse = float(rng.uniform(0.1, 0.3)) if rng.random() < 0.15 and level != 50 else 0.0
+    return lesions_focal.simulate_focal_lesions(
+        case.healthy_ct, case.labels, int(rng.integers(0, 2**31 - 1)), levels=[level],
+        kinds=[str(rng.choice(lesions_focal.FOCAL_KINDS))], locations=[str(rng.choice(lesions_focal.LOCATIONS))],
+        sizes=[float(rng.uniform(0.35, 0.7))], collapse=collapse)
+
+
 def case_training_arrays(case, *, lesions_per_level: int = 1, seed: int = 0, exclude_levels: Sequence[int] = (),
-                         max_lesion_levels: int | None = None) -> dict[str, np.ndarray]:
+                         max_lesion_levels: int | None = None, simulator: str = "classic") -> dict[str, np.ndarray]:
     """Crops, priors, neighbour indices and simulated-lesion holes of one healthy case (see ``gan.build_crop_cache``).
 
     The crops are those of :func:`SpineInpaintLib.datasets.vertebra_crops` (same slices, centre and
     order); the holes are the masks of lesions simulated on the healthy case (70 % destructive,
-    15 % with a collapse), cropped like the slices.
+    15 % with a collapse), cropped like the slices, by the classic simulator, the focal one or, with
+    ``simulator='both'``, either (half and half per lesion).
     """
     case = case.oriented("LPS")
     labels = case.labels.array
@@ -106,7 +116,8 @@ def case_training_arrays(case, *, lesions_per_level: int = 1, seed: int = 0, exc
             continue
         for _k in range(lesions_per_level):
             try:
-                lesion = lesions.simulate_lesion(
+                focal = simulator == "focal" or (simulator == "both" and rng.random() < 0.5)
+                lesion = _focal_hole(rng, case, level) if focal else lesions.simulate_lesion(
                     case.healthy_ct, case.labels, level, str(rng.choice(["lytic", "sclerotic", "mixed"])),
                     bool(rng.random() < 0.7), size=float(rng.uniform(0.35, 0.8)),
                     collapse=float(rng.uniform(0.1, 0.3)) if rng.random() < 0.15 else 0.0,

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core import io
 from SpineInpaintLib.core.labels import vertebra_mask
 from SpineInpaintLib.core.runtime import seed_everything
 from SpineInpaintLib.core.weights import load_weights, save_weights
@@ -37,54 +38,34 @@ from SpineInpaintLib.segmentation.inference import (
     channel_stack,
     to_network_grid,
 )
+from SpineInpaintLib.training import augment
 from SpineInpaintLib.training import loop as training
 from SpineInpaintLib.training.loop import RunControl
 
 __all__ = [
-    "train_transforms", "segmentation_loss", "CachedCase", "cache_case", "load_cache", "deeplesion_cases",
-    "fold_of", "assign_splits", "CropSampler", "slice_iou", "SegmentationTrainConfig", "train_segmentation",
+    "train_transforms", "segmentation_loss", "CachedCase", "RandomisedCase", "cache_case", "load_cache",
+    "deeplesion_cases", "fold_of", "assign_splits", "CropSampler", "slice_iou", "SegmentationTrainConfig",
+    "train_segmentation",
 ]
 
 
 # --- training pieces (MONAI transforms and loss) -------------------------------------------------
-def train_transforms(seed: int = 0, low_resolution: float = 0.0, intensity: float = 0.0):
-    """MONAI augmentation of a 2.5D crop: dict ``{'image': (4, H, W), 'label': (1, H, W)}``.
+def train_transforms(seed: int = 0):
+    """MONAI geometric augmentation of a 2.5D crop: dict ``{'image': (4, H, W), 'label': (1, H, W)}``.
 
-    Affine jitter (rotation +-10 deg, scale +-10 %, shear), left-right flips (the level of a
-    vertebra does not depend on the side), intensity scale and shift (other scanners' calibration and
-    kernels), Gaussian noise and blur, and (``low_resolution`` > 0, that probability) a coarser scan:
-    the crop down-sampled to 40-100 % of its pixels and back (3-4 mm pixels at most), as thick-slice
-    clinical CT looks on the 1.5 mm grid; and (``intensity`` > 0, that probability each) a strong
-    intensity remapping: a random gamma (0.5-2) and a random monotone histogram shift, one mapping for
-    all four channels, so that a network cannot lean on the phantoms' exact bone and soft-tissue values
-    (real osteopenic bone is dimmer than most phantoms').
+    Affine jitter (rotation +-10 deg, scale +-10 %, shear) and left-right flips (the level of a
+    vertebra does not depend on the side). Intensity, kernel, noise and resolution changes come from
+    the shared domain randomisation (:mod:`SpineInpaintLib.training.augment`), applied to each
+    training case in 3D before crops are cut (:class:`CropSampler`).
     """
-    from monai.transforms import (
-        Compose,
-        RandAdjustContrastd,
-        RandAffined,
-        RandFlipd,
-        RandGaussianNoised,
-        RandGaussianSmoothd,
-        RandHistogramShiftd,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-        RandSimulateLowResolutiond,
-    )
+    from monai.transforms import Compose, RandAffined, RandFlipd
 
     keys = ("image", "label")
     transform = Compose([
         RandAffined(keys, prob=0.7, rotate_range=np.deg2rad(10.0), scale_range=0.1, shear_range=0.05,
                     mode=("bilinear", "nearest"), padding_mode="zeros"),
         RandFlipd(keys, prob=0.5, spatial_axis=1),
-        RandScaleIntensityd("image", factors=0.1, prob=0.3),
-        RandShiftIntensityd("image", offsets=0.04, prob=0.3),
-        RandGaussianSmoothd("image", sigma_x=(0.25, 0.8), sigma_y=(0.25, 0.8), prob=0.2),
-        RandGaussianNoised("image", std=0.015, prob=0.3),
-    ] + ([RandSimulateLowResolutiond("image", prob=float(low_resolution), downsample_mode="area",
-                                     upsample_mode="bilinear", zoom_range=(0.4, 1.0))] if low_resolution > 0 else [])
-      + ([RandAdjustContrastd("image", prob=float(intensity), gamma=(0.5, 2.0)),
-          RandHistogramShiftd("image", prob=float(intensity), num_control_points=(5, 10))] if intensity > 0 else []))
+    ])
     transform.set_random_state(seed=int(seed) % 2**32)
     return transform
 
@@ -156,6 +137,28 @@ class CachedCase:
         return np.nonzero(self.classes.reshape(self.classes.shape[0], -1).any(axis=1))[0]
 
 
+class RandomisedCase:
+    """A cached case after one domain randomisation (:func:`augment.randomise_domain`), held in memory.
+
+    Same reading interface as :class:`CachedCase` (``ct`` int16, ``classes``, ``z_spacing``,
+    ``spine_slices``); a kept thick-slice draw changes ``z_spacing`` and the slice count.
+    """
+
+    def __init__(self, case: CachedCase, seed: int, config: augment.DomainRandomisation):
+        grid = float(case.grid_mm)
+        ct = io.Volume(np.asarray(case.ct), (grid, grid, case.z_spacing))
+        labels = ct.with_array(np.load(case.folder / f"{case.case_id}_labels.npy"))
+        out, out_labels, self.record = augment.randomise_domain(ct, labels, seed, config)
+        self.case_id, self.source, self.info, self.grid_mm = case.case_id, case.source, case.info, grid
+        self.z_spacing = float(out.spacing[2])
+        self.ct = np.clip(np.rint(out.array), -1024, 3071).astype(np.int16)
+        self.classes = seg.ids_to_classes(out_labels.array)
+
+    @property
+    def spine_slices(self) -> np.ndarray:
+        return np.nonzero(self.classes.reshape(self.classes.shape[0], -1).any(axis=1))[0]
+
+
 def cache_case(case: datasets.Case, folder: Path, grid_mm: float = seg.GRID_MM) -> dict:
     """Resample a case to the network grid (``grid_mm`` pixels) and write ``<id>_ct.npy`` and ``<id>_labels.npy``."""
     folder = Path(folder)
@@ -172,6 +175,8 @@ def cache_case(case: datasets.Case, folder: Path, grid_mm: float = seg.GRID_MM) 
                                                                                   and np.any(case.info["mask"]))}
     if case.info.get("real_case"):
         info["real_case"] = case.info["real_case"]
+    if case.info.get("simulator"):
+        info["simulator"] = case.info["simulator"]
     (folder / f"{case.case_id}.json").write_text(json.dumps(info))
     return info
 
@@ -248,28 +253,36 @@ def assign_splits(cases: Sequence[CachedCase], *, folds: int = 0, fold: int = 0,
 
 # --- sampling -------------------------------------------------------------------------------------------
 class CropSampler:
-    """Random 2.5D training crops (``crop`` x ``crop`` pixels) with MONAI augmentation.
+    """Random 2.5D training crops (``crop`` x ``crop`` pixels) with MONAI geometric augmentation.
 
     Three crops in four are centred near the spine (jittered), the rest anywhere in the slice, so
-    the network also learns to leave ribs, pelvis and contrast alone on the whole slice.
+    the network also learns to leave ribs, pelvis and contrast alone on the whole slice. With
+    ``domain`` (and ``augment``), each case is randomised in 3D (:mod:`SpineInpaintLib.training.augment`)
+    the first time this sampler draws it, seeded by ``seed`` and the case id, and kept for the
+    sampler's life: a trainer makes one sampler per epoch, so each case gets a new draw each epoch at
+    the cost of one randomisation per case and epoch (well under a second on the 1.5 mm grid).
     """
 
     def __init__(self, cases: Sequence[CachedCase], crop: int = 160, seed: int = 0, augment: bool = True,
-                 real_weight: float = 1.0, low_resolution: float = 0.0, intensity: float = 0.0):
+                 real_weight: float = 1.0, domain: augment.DomainRandomisation | None = None):
         if not cases:
             raise SpineInpaintError("no training cases")
         self.cases = list(cases)
         self.crop = int(crop)
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
         self.augment = augment
-        self.transform = train_transforms(seed, low_resolution, intensity) if augment else None
+        self.transform = train_transforms(seed) if augment else None
+        self.domain = domain if augment else None
+        self._randomised: dict[int, RandomisedCase] = {}
         # Cases are drawn in proportion to their spine slices; real scans (few, but the anatomy the
         # phantoms only approximate) can be drawn ``real_weight`` times as often.
         weights = np.array([len(c.spine_slices) * (real_weight if c.source == "real" else 1.0)
                             for c in self.cases], float)
         self.weights = weights / weights.sum()
 
-    def _crop_at(self, case: CachedCase, z: int, centre: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _crop_at(self, case: CachedCase | RandomisedCase, z: int,
+                 centre: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """The 2.5D input and class target of a ``crop`` square centred at ``centre`` (padded with air)."""
         n, rows, cols = case.ct.shape
         offset = NEIGHBOUR_MM / case.z_spacing
@@ -284,8 +297,16 @@ class CropSampler:
         target[dst] = case.classes[z, rr, cc]
         return channel_stack(hu, case.z_spacing, [z - z0])[0], target
 
+    def _case(self, index: int) -> CachedCase | RandomisedCase:
+        if self.domain is None:
+            return self.cases[index]
+        if index not in self._randomised:
+            case = self.cases[index]
+            self._randomised[index] = RandomisedCase(case, augment.case_seed(self.seed, case.case_id), self.domain)
+        return self._randomised[index]
+
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        case = self.cases[self.rng.choice(len(self.cases), p=self.weights)]
+        case = self._case(int(self.rng.choice(len(self.cases), p=self.weights)))
         slices = case.spine_slices
         z = int(self.rng.choice(slices)) if self.rng.random() < 0.95 or slices.size == 0 else \
             int(self.rng.integers(case.ct.shape[0]))
@@ -352,10 +373,12 @@ class SegmentationTrainConfig(RunControl):
     ``max_steps`` stops after that many steps in all (smoke tests); ``val_per_case`` validation slices
     per validation case; ``export`` also receives the final weights, metadata and curves. ``init``
     starts a fresh run from existing weights (fine-tuning; ignored when resuming); ``real_weight``
-    draws real-scan cases that many times as often as their slice count says; ``low_resolution`` and
-    ``intensity`` are the probabilities of the coarse-scan and the strong intensity augmentations
-    (:func:`train_transforms`); ``boundary_weight`` weighs a binary cross-entropy of the spine mask in
-    the loss (:func:`segmentation_loss`); ``grid_mm`` is the pixel size of the cached cases (checked).
+    draws real-scan cases that many times as often as their slice count says; ``domain`` is the shared
+    domain randomisation of the training cases (:mod:`SpineInpaintLib.training.augment`; ``None``: off,
+    validation is never randomised); ``low_resolution`` and ``intensity``, when > 0, replace its
+    in-plane resolution and gamma probabilities (the older command-line options); ``boundary_weight``
+    weighs a binary cross-entropy of the spine mask in the loss (:func:`segmentation_loss`); ``grid_mm``
+    is the pixel size of the cached cases (checked).
     ``data_note``, ``phantom_seeds``, ``healthy_fraction`` and ``real`` only describe the data in the
     weights' JSON; ``train_cases`` are forced into training and ``exclude`` left out of the cache.
     """
@@ -382,10 +405,20 @@ class SegmentationTrainConfig(RunControl):
     real: Sequence[str] = ()
     real_weight: float = 1.0
     init: Path | str | None = None
+    domain: augment.DomainRandomisation | None = dataclasses.field(default_factory=augment.DomainRandomisation)
     low_resolution: float = 0.0
     intensity: float = 0.0
     boundary_weight: float = 0.0
     grid_mm: float = seg.GRID_MM
+
+    def domain_config(self) -> augment.DomainRandomisation | None:
+        """``domain`` with the ``low_resolution`` and ``intensity`` probabilities, where set, put in."""
+        if self.domain is None:
+            return None
+        changes = {"in_plane_probability": self.low_resolution} if self.low_resolution > 0 else {}
+        if self.intensity > 0:
+            changes["gamma_probability"] = self.intensity
+        return dataclasses.replace(self.domain, **changes) if changes else self.domain
 
 
 def train_segmentation(config: SegmentationTrainConfig) -> dict:
@@ -433,6 +466,7 @@ def train_segmentation(config: SegmentationTrainConfig) -> dict:
     log = training.MetricsLog(out / "metrics.csv", resume_epoch=start_epoch - 1 if resumed else 0) \
         if ctx.is_main else None
     val_x, val_y = _val_batches(val_cases, config.val_per_case, max(config.crop, 192))
+    domain = config.domain_config()
     steps_done = (start_epoch - 1) * config.steps_per_epoch
     summary: dict = {}
     for epoch in range(start_epoch, config.epochs + 1):
@@ -440,8 +474,7 @@ def train_segmentation(config: SegmentationTrainConfig) -> dict:
             break
         # Seeds per (epoch, rank): a resumed run draws the same crops as an uninterrupted one.
         sampler = CropSampler(train_cases_, crop=config.crop, seed=seed * 100_003 + epoch * 101 + ctx.rank,
-                              real_weight=config.real_weight, low_resolution=config.low_resolution,
-                              intensity=config.intensity)
+                              real_weight=config.real_weight, domain=domain)
         current_lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, config.epochs)))
         for group in optimizer.param_groups:
             group["lr"] = current_lr
@@ -514,9 +547,11 @@ def train_segmentation(config: SegmentationTrainConfig) -> dict:
                          "data": config.data_note,
                          "phantom_seeds": list(config.phantom_seeds) if config.phantom_seeds else None,
                          "healthy_fraction": config.healthy_fraction, "real_in_training": list(config.real),
+                         "real_scans": list(config.real),
                          "real_weight": config.real_weight, "init": str(config.init) if config.init else None,
                          "low_resolution_augmentation": config.low_resolution,
-                         "intensity_augmentation": config.intensity, "boundary_weight": config.boundary_weight},
+                         "intensity_augmentation": config.intensity, "boundary_weight": config.boundary_weight,
+                         "domain_randomisation": domain.to_dict() if domain is not None else None},
             "metrics_last_epoch": summary,
         }
         weights = save_weights(model, out / f"{config.net}.safetensors", meta)
