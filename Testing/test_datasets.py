@@ -177,3 +177,27 @@ def test_varied_phantom_case_is_a_seeded_phantom_with_its_own_id():
     assert case.case_id == "varied_2001" and case.source == "phantom" and case.info["variety"] == "varied"
     assert case.info["phantom_config"]["cancellous_hu"] == overrides["cancellous_hu"]
     assert case.lesion is None and np.array_equal(case.ct.array, case.healthy_ct.array)
+
+
+# --- the two lesion simulators ---------------------------------------------------------------------------
+def test_pick_simulator_is_seeded_and_draws_both():
+    from SpineInpaintLib.data.cases import pick_simulator
+
+    picks = [pick_simulator("both", f"phantom_{s:04d}", s) for s in range(40)]
+    assert picks == [pick_simulator("both", f"phantom_{s:04d}", s) for s in range(40)]
+    assert 10 <= picks.count("focal") <= 30 and set(picks) == {"classic", "focal"}
+    assert pick_simulator("focal", "x", 0) == "focal" and pick_simulator("classic", "x", 0) == "classic"
+    with pytest.raises(SpineInpaintError, match="unknown lesion simulator 'other'"):
+        pick_simulator("other", "x", 0)
+
+
+def test_cases_record_which_simulator_made_their_lesion():
+    small = dict(shape_xy=(128, 128), spacing_xy=1.5, slice_thickness=2.0, levels=("L2", "L3"))
+    focal = datasets.phantom_case(3, lesion_types=("lytic",), simulator="focal", **small)
+    assert focal.info["simulator"] == "focal" and focal.lesion.params["simulator"] == "focal"
+    assert {r["kind"] for r in focal.lesion.params["lesions"]} <= {"lytic_remnant", "soft_tissue_mass"}
+    classic = datasets.phantom_case(3, lesion_types=("lytic",), **small)
+    assert classic.info["simulator"] == "classic" and classic.lesion.lesion_type == "lytic"
+    # the healthy truth is the same phantom whichever simulator drew the lesion
+    np.testing.assert_array_equal(focal.healthy_ct.array, classic.healthy_ct.array)
+    assert "simulator" not in datasets.phantom_case(3, lesion_types=None, **small).info

@@ -96,11 +96,11 @@ def test_the_wheel_holds_every_module_and_the_weights(built):
 def test_pip_install_into_a_fresh_venv_restores_the_example_ct(built, tmp_path, real_case, real_dir):
     from SpineInpaintLib.core import io
     from SpineInpaintLib.data.lesions import simulate_lesion
-    from SpineInpaintLib.data.real import REAL_CASES
+    from SpineInpaintLib.data.real import REAL_SCANS
 
     _, wheel = built
     ct, labels = real_case
-    ct_path = real_dir / REAL_CASES["totalsegmentator"][0]
+    ct_path = real_dir / REAL_SCANS["totalsegmentator"].ct
     sim = simulate_lesion(ct, labels, "L3", "lytic", True, seed=1)
     assert sim.mask.same_grid(ct) and sim.mask.array.any()
     mask_path = io.write_volume(sim.mask, tmp_path / "lesion_mask.nii.gz")

@@ -23,6 +23,7 @@ from SpineInpaintLib.cli.commands import (
     _add_info,
     _add_phantom,
     _add_restore,
+    _add_scans,
     _add_segment,
     _run_bench,
     _run_cards,
@@ -31,6 +32,7 @@ from SpineInpaintLib.cli.commands import (
     _run_info,
     _run_phantom,
     _run_restore,
+    _run_scans,
     _run_segment,
 )
 from SpineInpaintLib.cli.evaluate import EVALUATORS
@@ -72,6 +74,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "bench": ("time the pipeline's stages on this machine (table + JSON)", _add_bench, _run_bench),
     "cards": ("render the model cards' metrics blocks (docs/models) from the shipped weights' JSON", _add_cards,
               _run_cards),
+    "scans": ("list the real CT scans of the registry (region, levels, labels, licence) and the "
+              "leave-one-scan-out folds", _add_scans, _run_scans),
     "train": ("train a stage's network: train <stage> (" + ", ".join(TRAINERS) + ")", _add_train, _run_train),
     "evaluate": ("evaluate a stage's shipped model: evaluate <stage> (" + ", ".join(EVALUATORS) + ")",
                  _add_evaluate, _run_evaluate),

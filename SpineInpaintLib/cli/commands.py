@@ -51,6 +51,18 @@ def _add_phantom(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=512, help="in-plane grid size (default 512)")
     parser.add_argument("--deeplesion", help="also write the cases as a DeepLesion-format folder here")
     parser.add_argument("--crops", action="store_true", help="also write 64x64 healthy vertebra crops (crops.npz)")
+    parser.add_argument(
+        "--levels", default=None,
+        help="field of view: levels, a range or a region, e.g. 'L1,L2', 'T4-L2', 'C1-sacrum', neck, chest, "
+             "abdomen, thoracolumbar, whole (default: the random thoracolumbar draw, T10-S1)",
+    )
+    parser.add_argument("--simulator", default="classic", choices=("classic", "focal", "both"),
+                        help="lesion simulator: classic (one blob in the body), focal (one to three lesions: "
+                        "lytic with trabecular remnants, soft-tissue masses, blastic nodules, in the body, "
+                        "pedicles or posterior elements), both (one of the two per case); default classic")
+    parser.add_argument("--variety", action="store_true",
+                        help="draw the whole-spine variety too: field of view, curvature, bone density, contrast "
+                        "phase, kernel, slice thickness, transitional anatomy (PhantomConfig.random extended)")
 
 
 
@@ -188,3 +200,13 @@ def _add_cards(parser: argparse.ArgumentParser) -> None:
 
 
 _run_cards = lazy("SpineInpaintLib.cli.tools_run", "run_cards")
+
+
+# --- scans -------------------------------------------------------------------------------------------
+def _add_scans(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", action="store_true",
+                        help="also load every scan and check its labels hold the levels the registry lists")
+    parser.add_argument("--json", help="also write the registry and the leave-one-scan-out folds as JSON here")
+
+
+_run_scans = lazy("SpineInpaintLib.cli.tools_run", "run_scans")

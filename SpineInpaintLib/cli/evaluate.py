@@ -17,7 +17,11 @@ def _add_evaluate_segmentation(parser: argparse.ArgumentParser) -> None:
                         help="folder of <net>.safetensors + <net>.json (default: the shipped weights)")
     parser.add_argument("--cases", type=int, default=None,
                         help="evaluate at most this many held-out test phantoms (default: all of them; 0: none)")
-    parser.add_argument("--real", default="totalsegmentator", help="real scans to score, comma-separated ('' for none)")
+    parser.add_argument("--real", default="left-out",
+                        help="real scans to score: 'left-out' (default: every labelled scan the networks were not "
+                        "trained on), names from the registry, comma-separated, or '' for none")
+    parser.add_argument("--seen-ok", action="store_true",
+                        help="allow named real scans the model was trained on (a fit measurement, marked as such)")
     parser.add_argument("--json", help="also write every number to this JSON file")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
@@ -31,7 +35,12 @@ def _add_evaluate_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", help="another RetinaNet's weights (e.g. the ones a new model would replace), "
                         "evaluated beside on the same slices")
     parser.add_argument("--phantoms", type=int, default=15, help="lesioned test phantoms (default 15)")
-    parser.add_argument("--real", type=int, default=9, help="test lesions simulated on the real scan (default 9)")
+    parser.add_argument("--real", type=int, default=9, help="test lesions simulated on each real scan (default 9)")
+    parser.add_argument("--real-scans", default="left-out",
+                        help="real scans for the lesions and the healthy real volumes: 'left-out' (default: every "
+                        "labelled scan the detector was not trained on) or names, comma-separated")
+    parser.add_argument("--seen-ok", action="store_true",
+                        help="allow named real scans the model was trained on (a fit measurement, marked as such)")
     parser.add_argument("--healthy-phantoms", type=int, default=4, help="healthy test phantoms (default 4)")
     parser.add_argument("--deeplesion", help="also score the test-split bone lesions of this DeepLesion-format folder")
     parser.add_argument("--seed", type=int, default=0)
@@ -54,7 +63,14 @@ def _add_evaluate_inpainting(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantoms", type=int, default=6, help="held-out test phantoms (default 6)")
     parser.add_argument("--lesions-per-case", type=int, default=2,
                         help="simulated lesions per phantom: alternately destructive and intact cortex (default 2)")
-    parser.add_argument("--real", type=int, default=2, help="lesions simulated on the real scan's held-out L2-L4 (default 2)")
+    parser.add_argument("--real", type=int, default=2, help="lesions simulated on each real scan (default 2)")
+    parser.add_argument("--real-scans", default="left-out",
+                        help="real scans for those lesions: 'left-out' (default: every labelled scan the GANs were "
+                        "not trained on) or names, comma-separated")
+    parser.add_argument("--seen-ok", action="store_true",
+                        help="allow named real scans the model was trained on (a fit measurement, marked as such)")
+    parser.add_argument("--simulators", default="classic,focal",
+                        help="lesion simulators of the test lesions, comma-separated (classic, focal; reported apart)")
     parser.add_argument("--grey", action="store_true", help="also restore the CT (MAE/PSNR/SSIM inside the lesion)")
     parser.add_argument("--steps", type=int, default=100, help="z-optimisation steps (default 100)")
     parser.add_argument("--restarts", type=int, default=2, help="z restarts per slice (default 2)")
@@ -72,10 +88,16 @@ def _add_evaluate_inpainting(parser: argparse.ArgumentParser) -> None:
 
 #: stage -> (one-line help, add-arguments function, run function) of ``evaluate <stage>``.
 def _add_evaluate_restore(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--case", default="totalsegmentator", help="real case to put the lesion in")
+    parser.add_argument("--case", default="s0009",
+                        help="real scan to put the lesion in, one the shipped models were not trained on (default "
+                        "s0009; 'python -m SpineInpaintLib scans' lists the registry)")
+    parser.add_argument("--seen-ok", action="store_true",
+                        help="allow named real scans the model was trained on (a fit measurement, marked as such)")
     parser.add_argument("--level", default="L3", help="lesioned vertebra (default L3)")
     parser.add_argument("--seeds", default="1,2,3", help="lesion seeds, comma-separated")
     parser.add_argument("--methods", default="context,biharmonic", help="inpainting methods, comma-separated")
+    parser.add_argument("--simulators", default="classic,focal",
+                        help="lesion simulators, comma-separated: classic (lytic blob), focal (soft-tissue mass)")
     parser.add_argument("--json", help="also write the rows as JSON here")
 
 

@@ -12,6 +12,7 @@ import torch
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core.runtime import seed_everything
 from SpineInpaintLib.data import cases as datasets
+from SpineInpaintLib.data.real import evaluation_scans, trained_scans
 from SpineInpaintLib.detection import inference as det
 from SpineInpaintLib.evaluation.detection import (
     TUNING_VOLUMES,
@@ -30,7 +31,7 @@ from SpineInpaintLib.evaluation.inpainting import (
     gan_table,
     paired_wins,
 )
-from SpineInpaintLib.evaluation.restore import evaluate_restore
+from SpineInpaintLib.evaluation.restore import evaluate_restore, shipped_training_scans
 from SpineInpaintLib.evaluation.segmentation import (
     PAPER_TABLE_I,
     evaluate_cases,
@@ -46,20 +47,35 @@ from SpineInpaintLib.training.detection import make_detection_cases, slim_case
 __all__ = ["run_evaluate_restore", "run_evaluate_segmentation", "run_evaluate_detection", "run_evaluate_inpainting"]
 
 
+def _sidecar(weights: Path) -> dict:
+    """The JSON beside a weight file ({} when there is none)."""
+    path = Path(weights).with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _folder_training_scans(folder: str | Path) -> tuple[str, ...]:
+    """The real scans any model in a weights folder was trained on."""
+    return tuple(sorted({s for p in Path(folder).glob("*.json") for s in trained_scans(json.loads(p.read_text()))}))
+
+
 def run_evaluate_restore(args) -> int:
     """``python -m SpineInpaintLib evaluate restore``: prints a table (and writes JSON with ``--json``)."""
     import json
 
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    rows = evaluate_restore(args.case, args.level, seeds, methods)
-    print(f"{'method':<12} {'seed':>4} {'lesion mL':>9} {'Dice':>6} {'HD95 mm':>8} {'vol err %':>9} {'HU MAE':>7} {'s':>6}")
+    simulators = [m.strip() for m in str(args.simulators).split(",") if m.strip()]
+    evaluation_scans([args.case], shipped_training_scans(), "a shipped model", allow_seen=args.seen_ok)
+    rows = evaluate_restore(args.case, args.level, seeds, methods, simulators)
+    print(f"{'method':<12} {'simulator':<9} {'seed':>4} {'lesion mL':>9} {'Dice':>6} {'HD95 mm':>8} {'vol err %':>9} "
+          f"{'HU MAE':>7} {'s':>6}")
     for r in rows:
-        print(f"{r['method']:<12} {r['seed']:>4} {r['lesion_ml']:9.1f} {r['dice']:6.3f} {r['hd95_mm']:8.2f} "
-              f"{r['volume_error_pct']:+9.1f} {r['hu_mae_in_lesion'] or float('nan'):7.0f} {r['seconds']:6.1f}")
-    for method in methods:
-        sel = [r for r in rows if r["method"] == method]
-        print(f"{method:<12} mean: Dice {np.mean([r['dice'] for r in sel]):.3f}, HD95 "
+        print(f"{r['method']:<12} {r['simulator']:<9} {r['seed']:>4} {r['lesion_ml']:9.1f} {r['dice']:6.3f} "
+              f"{r['hd95_mm']:8.2f} {r['volume_error_pct']:+9.1f} {r['hu_mae_in_lesion'] or float('nan'):7.0f} "
+              f"{r['seconds']:6.1f}")
+    for method, simulator in ((m, s) for m in methods for s in simulators):
+        sel = [r for r in rows if r["method"] == method and r["simulator"] == simulator]
+        print(f"{method:<12} {simulator:<9} mean: Dice {np.mean([r['dice'] for r in sel]):.3f}, HD95 "
               f"{np.mean([r['hd95_mm'] for r in sel]):.2f} mm, |volume error| "
               f"{np.mean([abs(r['volume_error_pct']) for r in sel]):.1f} % (bar: Dice >= 0.90, HD95 <= 6 mm, 5 %)")
     if args.json:
@@ -90,7 +106,8 @@ def run_evaluate_segmentation(args: argparse.Namespace) -> int:
     test = held_out_phantoms(metas[nets[0]])
     if args.cases is not None:
         test = test[: max(0, args.cases)]
-    real = [r.strip() for r in args.real.split(",") if r.strip()]
+    trained = sorted({scan for net in nets for scan in trained_scans(metas[net])})
+    real = evaluation_scans(args.real, trained, "/".join(nets), allow_seen=args.seen_ok)
     print(f"\nwhole-volume inference on {len(test)} held-out test phantoms (seeds {', '.join(str(s) for s, _ in test)})"
           + (f" and the real scans {', '.join(real)}" if real else ""))
     records: dict[str, list[dict]] = {n: [] for n in nets}
@@ -109,7 +126,7 @@ def run_evaluate_segmentation(args: argparse.Namespace) -> int:
     for net in nets:
         summary = summarise(records[net])
         report[net] = {"phantom_test": summary, "phantom_cases": records[net], "real": real_records[net],
-                       "real_in_training": metas[net].get("training", {}).get("real_in_training", [])}
+                       "real_in_training": list(trained_scans(metas[net])), "real_left_out": real}
         print(f"\n{net}: mean over {summary['cases']} test phantoms: 3D IoU {summary['iou_3d']:.4f}, "
               f"3D Dice {summary['dice_3d']:.4f}, HD95 {summary['hd95_mm']:.2f} mm, per-slice spine IoU "
               f"{summary['slice_iou']:.4f}, per-slice 2-class mean IoU {summary['slice_mean_iou_2class']:.4f}")
@@ -117,8 +134,8 @@ def run_evaluate_segmentation(args: argparse.Namespace) -> int:
         for level, v in summary["per_vertebra"].items():
             print(f"{vertebra_name(level):<9}{v['dice']:>8.3f}{v['hd95_mm']:>9.2f}{v['missing']:>6}/{v['n']}")
         for r in real_records[net]:
-            in_training = "in training" if report[net]["real_in_training"] else "not in training"
-            print(f"{net} real {r['case_id']} ({in_training}; labels are TotalSegmentator predictions): "
+            seen = "in training" if r["case_id"].removeprefix("real_").rsplit("_", 1)[0] in trained else "left out"
+            print(f"{net} real {r['case_id']} ({seen}; labels are TotalSegmentator predictions): "
                   f"spine 3D Dice {r['dice_3d']:.4f}, IoU {r['iou_3d']:.4f}, HD95 {r['hd95_mm']:.2f} mm; per vertebra Dice "
                   + ", ".join(f"{vertebra_name(k)} {v['dice']:.2f}" for k, v in r["per_vertebra"].items()))
     if args.json:
@@ -156,14 +173,22 @@ def run_evaluate_detection(args) -> int:
               f"(sensitivity {tuning['chosen']['sensitivity']:.2f}, "
               f"{tuning['chosen']['fp_per_lesioned_volume']:.2f} / {tuning['chosen']['fp_per_healthy_volume']:.2f} "
               "false lesions per lesioned / healthy volume)")
-    cases = None if args.no_volume else [
-        slim_case(c) for c in make_detection_cases("test", phantoms=args.phantoms, real=args.real,
-                                                   healthy_phantoms=args.healthy_phantoms, healthy_real=True)]
+    retinanet_weights = Path(args.retinanet or det.DEFAULT_WEIGHTS)
+    trained = trained_scans(_sidecar(retinanet_weights))
+    scans = evaluation_scans(args.real_scans, trained, f"the detector {retinanet_weights.name}",
+                             allow_seen=args.seen_ok)
+    print(f"real test scans: {', '.join(scans) or 'none'} (the detector was trained on {', '.join(trained) or 'none'})")
+    cases = [slim_case(c) for c in make_detection_cases("test", phantoms=args.phantoms, real=0,
+                                                        healthy_phantoms=args.healthy_phantoms)]
+    for scan in scans:
+        cases += [slim_case(c) for c in make_detection_cases("test", phantoms=0, real=args.real, real_name=scan,
+                                                             healthy_real=True)]
     result = evaluate_detection(detectors, phantoms=args.phantoms, real=args.real,
                                 healthy_phantoms=args.healthy_phantoms, deeplesion=args.deeplesion,
                                 seed=args.seed, volume_level=not args.no_volume, progress=not args.quiet,
                                 figures=args.figures, cases=cases, volume_options=volume_options)
     result["command"] = "evaluate detection" + (" --tune" if tuning else "")
+    result["real_scans"] = {"left_out": scans, "trained_on": list(trained)}
     if tuning:
         result["volume_tuning"] = tuning
         if args.save_thresholds:
@@ -198,8 +223,16 @@ def run_evaluate_inpainting(args) -> int:
     if args.phantoms < 0 or args.real < 0 or args.lesions_per_case < 1:
         raise SpineInpaintError("--phantoms and --real must be >= 0 and --lesions-per-case >= 1")
     models = ModelCache(args.weights_dir)
+    trained = shipped_training_scans(("gan",)) if not args.weights_dir else _folder_training_scans(args.weights_dir)
+    scans = evaluation_scans(args.real_scans, trained, "the GANs", allow_seen=args.seen_ok)
+    print(f"real test scans: {', '.join(scans) or 'none'} (the GANs were trained on {', '.join(trained) or 'none'})")
+    simulators = [m.strip() for m in args.simulators.split(",") if m.strip()]
+    bad = [m for m in simulators if m not in ("classic", "focal")]
+    if bad or not simulators:
+        raise SpineInpaintError(f"unknown lesion simulator {', '.join(bad) or '(none)'} (use classic, focal)")
     lesions_ = evaluation_lesions(args.phantoms, args.lesions_per_case, args.real, args.seed, progress=not args.quiet,
-                                  cache=args.cache or None)
+                                  cache=args.cache or None, real_scans=scans, simulators=simulators,
+                                  seen=[s for s in scans if s in trained])
     result = evaluate(lesions_, methods, grey=args.grey, steps=args.steps, restarts=args.restarts, models=models,
                       seed=args.seed, progress=not args.quiet)
     print(format_summary(result))
@@ -239,7 +272,7 @@ def run_evaluate_inpainting(args) -> int:
         payload["figure6"] = {k: check[k] for k in ("dice_in", "kmmd", "seconds")}
         payload["paper_kmmd_wgan_gp"] = 0.001084
         payload["settings"] = {"methods": methods, "phantoms": args.phantoms, "lesions_per_case": args.lesions_per_case,
-                               "real": args.real, "steps": args.steps, "restarts": args.restarts, "seed": args.seed,
+                               "real": args.real, "real_scans": scans, "steps": args.steps, "restarts": args.restarts, "seed": args.seed,
                                "kmmd_estimator": "squared MMD, Gaussian kernel, median-heuristic bandwidth, "
                                                  "flattened 64x64 crops in [0, 1]; unbiased and biased"}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from SpineInpaintLib.evaluation import bench, model_cards
 from SpineInpaintLib.evaluation.demo import DEMO_LESION, DEMO_PHANTOM, demo_case
 from SpineInpaintLib.evaluation.restore import truth_metrics
 
-__all__ = ["restore_demo_case", "run_demo", "run_phantom", "run_bench", "run_cards"]
+__all__ = ["restore_demo_case", "run_demo", "run_phantom", "run_bench", "run_cards", "run_scans"]
 
 
 def restore_demo_case(out: Path, *, detect: bool = False, method: str | None = None) -> int:
@@ -90,9 +90,16 @@ def run_phantom(args: argparse.Namespace) -> int:
     if unknown:
         raise SpineInpaintError(f"unknown lesion type {', '.join(unknown)} (use {', '.join(LESION_TYPES)} or none)")
     real = [r.strip() for r in args.real.split(",") if r.strip()]
+    overrides: dict = {"shape_xy": (args.size, args.size)}
+    if getattr(args, "levels", None):
+        datasets.PhantomConfig(levels=args.levels).level_ids()  # a bad request fails here, before any writing
+        overrides["levels"] = args.levels
+    if getattr(args, "variety", False):
+        overrides["extended"] = True
     out = Path(args.out)
     cases = datasets.make_cases(args.cases, seed=args.seed, real=real, lesion_types=types,
-                                healthy_fraction=args.healthy_fraction, shape_xy=(args.size, args.size))
+                                healthy_fraction=args.healthy_fraction, simulator=getattr(args, "simulator", "classic"),
+                                **overrides)
     entries, kept, crops = [], [], []
     for case in tqdm(cases, total=args.cases + len(real), desc="phantom", unit="case"):
         entries.append(datasets.write_case(case, out))
@@ -103,7 +110,7 @@ def run_phantom(args: argparse.Namespace) -> int:
         if args.deeplesion:
             kept.append(case)
     manifest = datasets.write_manifest(entries, out / "manifest.json", seed=args.seed, command="phantom",
-                                       lesion_types=types or [])
+                                       lesion_types=types or [], simulator=getattr(args, "simulator", "classic"))
     print(f"wrote {len(entries)} cases to {out}; manifest: {manifest}")
     if args.deeplesion:
         datasets.write_deeplesion(kept, Path(args.deeplesion))
@@ -140,3 +147,42 @@ def run_cards(args: argparse.Namespace) -> int:
         if model_cards.update_card(cards_dir / name, weights_dir() / rel):
             print(f"updated {cards_dir / name}")
     return 0
+
+
+def run_scans(args: argparse.Namespace) -> int:
+    """``scans``: the real-scan registry, a line each, and the leave-one-scan-out folds."""
+    import warnings
+
+    from SpineInpaintLib.core.labels import VERTEBRA_NAMES
+    from SpineInpaintLib.data import real
+
+    print(f"real scans in {real.real_data_dir()}")
+    print(f"{'name':<24}{'region':<15}{'labels':<26}{'levels':<16}{'partial':<10}licence")
+    problems = []
+    for scan in real.REAL_SCANS.values():
+        names = scan.level_names
+        levels = "-" if not names else names[0] if len(names) == 1 else f"{names[-1]}-{names[0]}"
+        partial = ",".join(VERTEBRA_NAMES[v] for v in scan.partial) or "-"
+        print(f"{scan.name:<24}{scan.region:<15}{scan.label_format:<26}{levels:<16}{partial:<10}"
+              f"{scan.licence.split(';')[0]}")
+        if args.check and scan.label_format != "none":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, labels = real.load_real_case(scan.name)
+            found = {int(v) for v in np.unique(labels.array) if int(v) in VERTEBRA_NAMES}
+            if found != set(scan.levels) | set(scan.partial):
+                problems.append(f"{scan.name}: labels hold {sorted(found)}, the registry lists "
+                                f"{sorted(set(scan.levels) | set(scan.partial))}")
+    folds = real.leave_one_out()
+    print("\nleave-one-scan-out folds (test scan: training scans)")
+    for test, train in folds:
+        print(f"  {test}: {', '.join(train)}")
+    if args.json:
+        payload = {"scans": [s.summary() for s in real.REAL_SCANS.values()],
+                   "leave_one_out": [{"test": t, "train": list(tr)} for t, tr in folds]}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    for line in problems:
+        print(f"mismatch: {line}", file=sys.stderr)
+    if args.check and not problems:
+        print("every labelled scan loads and holds the levels the registry lists")
+    return 1 if problems else 0

@@ -25,8 +25,11 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
                         help="extra phantoms with low bone density, a softer point spread and fields of view "
                         "reaching the pelvis (datasets.varied_phantom_case; default 0)")
     parser.add_argument("--varied-seed", type=int, default=2000, help="seed of the first varied phantom (default 2000)")
-    parser.add_argument("--real", default="", help="real scans to train on, comma-separated (e.g. totalsegmentator); "
-                        "each joins the training set as is and with a simulated lesion")
+    parser.add_argument("--real", default="", help="real scans to train on, comma-separated (e.g. totalsegmentator), "
+                        "or 'all' (every labelled scan of the registry not left out); each joins the training set "
+                        "as is and with a simulated lesion")
+    _add_leave_out(parser)
+    _add_simulator(parser)
     parser.add_argument("--deeplesion", action="append", default=[],
                         help="DeepLesion-format folder with our Masks_png/ extension (repeatable)")
     parser.add_argument("--real-weight", type=float, default=1.0,
@@ -36,10 +39,12 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
                         help="weight of a binary cross-entropy of the spine mask added to the Dice + CE loss "
                         "(sharpens the mask's boundary; default 0)")
     parser.add_argument("--low-resolution", type=float, default=0.0,
-                        help="probability of the coarse-scan augmentation (crops down-sampled to 40-100 %% and back)")
+                        help="probability of the in-plane coarse-scan randomisation (slices down-sampled to "
+                        "40-90 %% and back; default 0: the shared domain randomisation's own)")
     parser.add_argument("--intensity-augment", type=float, default=0.0,
-                        help="probability of each strong intensity remapping (random gamma 0.5-2, random "
-                        "histogram shift; for scans whose HU differ from the phantoms')")
+                        help="probability of the gamma randomisation (0.7-1.5 on -200...1200 HU, for scans whose "
+                        "HU differ from the phantoms'; default 0: the shared domain randomisation's own)")
+    _add_domain(parser)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="crops per step and process")
@@ -59,6 +64,25 @@ def _add_train_segmentation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     parser.add_argument("--export", help="also copy the final weights, metadata and curves here "
                         "(e.g. SpineInpaintLib/weights/segmentation)")
+
+
+def _add_leave_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--leave-out", default="",
+                        help="real scans to keep out of training, comma-separated: the scans this model will be "
+                        "evaluated on (leave-one-scan-out; 'python -m SpineInpaintLib scans' lists them)")
+
+
+def _add_domain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-domain-randomisation", action="store_true",
+                        help="train on the cases as they are: no shared 3D domain randomisation (intensity, bone "
+                        "HU, contrast-like structures, kernels, noise, slice thickness, fields of view; "
+                        "SpineInpaintLib.training.augment)")
+
+
+def _add_simulator(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--simulator", default="both", choices=("classic", "focal", "both"),
+                        help="lesion simulator of the training lesions: classic, focal or both (one of the two "
+                        "per case; default)")
 
 
 def _add_run_control(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +111,12 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
                         help="hard negatives: healthy phantoms between S1 and T10 of which up to 30 spine slices "
                         "each are kept (default 0)")
     parser.add_argument("--real", type=int, default=20,
-                        help="simulated lesions on the real scan, one case each (default 20)")
+                        help="simulated lesions on each real scan, one case each (default 20)")
+    parser.add_argument("--real-scans", default="totalsegmentator",
+                        help="real scans of the registry for those lesions, comma-separated, or 'all' (every "
+                        "labelled scan not left out); default totalsegmentator")
+    _add_leave_out(parser)
+    _add_simulator(parser)
     parser.add_argument("--val-phantoms", type=int, default=6, help="validation phantoms (default 6)")
     parser.add_argument("--val-real", type=int, default=6, help="validation real-scan lesions (default 6)")
     parser.add_argument("--deeplesion", help="also train on this DeepLesion-format folder (bone lesions)")
@@ -109,6 +138,7 @@ def _add_train_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-size", type=int, default=128,
                         help="side (pixels, a multiple of 32) of the network input (default 128)")
     _add_run_control(parser)
+    _add_domain(parser)
     parser.add_argument("--export",
                         help="also copy the weights, metadata and curves here (e.g. SpineInpaintLib/weights/detection)")
     parser.add_argument("--export-weights", choices=("best", "final"), default="best",
@@ -124,7 +154,10 @@ def _add_train_gan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantoms", type=int, default=50,
                         help="phantom seeds to cache (train/val split only; default 50, 0 = use the cache as is)")
     parser.add_argument("--phantom-seed", type=int, default=0, help="first phantom seed (default 0)")
-    parser.add_argument("--real", default="totalsegmentator", help="real scans to add ('' for none; L2-L4 held out)")
+    parser.add_argument("--real", default="totalsegmentator",
+                        help="real scans to add, comma-separated, or 'all' ('' for none; L2-L4 held out)")
+    _add_leave_out(parser)
+    _add_simulator(parser)
     parser.add_argument("--out", help="run folder (default runs/gan/<model>[_grey])")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--iters-per-epoch", type=int, default=100, help="generator iterations per epoch")
@@ -133,6 +166,7 @@ def _add_train_gan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--critic-width", type=int, help="discriminator base width (default: the shipped size)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default: the model's paper setting)")
     _add_run_control(parser)
+    _add_domain(parser)
     parser.add_argument("--export", help="also write the final weights and sample grid here (e.g. SpineInpaintLib/weights/gan)")
 
 

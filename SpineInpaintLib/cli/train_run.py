@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from SpineInpaintLib import SpineInpaintError
-from SpineInpaintLib.core.labels import spine_mask
 from SpineInpaintLib.data import cases as datasets
-from SpineInpaintLib.data.real import REAL_CASES, load_real_case
+from SpineInpaintLib.data.real import same_patient_scans, scans_to_train_on
 from SpineInpaintLib.inpainting.networks import _check_kind, _check_model
 from SpineInpaintLib.segmentation import networks as seg
+from SpineInpaintLib.training import augment
 from SpineInpaintLib.training import loop as training
 from SpineInpaintLib.training.context import ContextTrainConfig, train_context
 from SpineInpaintLib.training.detection import TrainConfig, train_detector
@@ -60,30 +60,32 @@ def run_train_segmentation(args: argparse.Namespace) -> int:
     load_cache(cache, grid_mm)  # a cache of another grid is refused before any case is built
     out = Path(args.out or f"runs/segmentation/{args.net}")
     lesion_types = ("lytic", "sclerotic", "mixed")
-    builders = []
+    builders, sim = [], args.simulator
+    # the simulator each lesioned case is drawn with: a cached case drawn with another one is rebuilt
+    expected: dict[str, str | None] = {}
     for prefix, first, count, make in (("phantom", args.phantom_seed, args.phantoms, datasets.phantom_case),
                                        ("varied", args.varied_seed, args.varied_phantoms, datasets.varied_phantom_case)):
         for s in range(first, first + count):
             healthy = np.random.default_rng([s, 15485863]).random() < args.healthy_fraction
-            builders.append((f"{prefix}_{s:04d}", lambda s=s, h=healthy, make=make: make(
-                s, lesion_types=None if h else lesion_types)))
-    real = [r.strip() for r in args.real.split(",") if r.strip()]
+            case_id = f"{prefix}_{s:04d}"
+            expected[case_id] = None if healthy else datasets.pick_simulator(sim, case_id, s)
+            builders.append((case_id, lambda s=s, h=healthy, make=make: make(
+                s, lesion_types=None if h else lesion_types, simulator=sim)))
+    real = scans_to_train_on(args.real, args.leave_out)
+    left_out = same_patient_scans([n.strip() for n in args.leave_out.split(",") if n.strip()])
     forced = []
     for name in real:
-        if name not in REAL_CASES:
-            raise SpineInpaintError(f"unknown real case '{name}' (known: {', '.join(REAL_CASES)})")
-        # A scan whose labels carry no vertebra id (dcmqi_ct3slice: one label, 2, level unknown) would
-        # teach the network that its vertebra is background.
-        if not spine_mask(load_real_case(name)[1].array).any():
-            raise SpineInpaintError(f"real case '{name}' has no vertebra labels (TotalSegmentator ids 25-50) "
-                                    "to train on")
         for s, types in ((0, None), (1, lesion_types)):
-            builders.append((f"real_{name}_{s:04d}", lambda n=name, s=s, t=types: datasets.real_case(n, seed=s, lesion_types=t)))
-            forced.append(f"real_{name}_{s:04d}")
+            case_id = f"real_{name}_{s:04d}"
+            expected[case_id] = datasets.pick_simulator(sim, case_id, s) if types else None
+            builders.append((case_id, lambda n=name, s=s, t=types: datasets.real_case(n, seed=s, lesion_types=t,
+                                                                                     simulator=sim)))
+            forced.append(case_id)
     ctx = training.init_distributed(args.device)
     if ctx.is_main:
-        existing = {c.case_id for c in load_cache(cache)}
-        todo = [(i, b) for i, b in builders if i not in existing]
+        existing = {c.case_id: c.info.get("simulator", "classic" if c.info.get("lesion") else None)
+                    for c in load_cache(cache)}
+        todo = [(i, b) for i, b in builders if i not in existing or existing[i] != expected[i]]
         for _case_id, build in tqdm(todo, desc="caching cases", unit="case", disable=not todo):
             cache_case(build(), cache, grid_mm)
         for root in args.deeplesion:
@@ -104,8 +106,9 @@ def run_train_segmentation(args: argparse.Namespace) -> int:
         if varied:
             seeds = [c.info["seed"] for c in varied]
             args.varied_phantoms, args.varied_seed = len(varied), min(seeds)
-        real = sorted({c.info["real_case"] for c in all_cached if c.info.get("real_case")})
-        forced = [c.case_id for c in all_cached if c.source == "real"]
+        real = sorted({c.info["real_case"] for c in all_cached if c.info.get("real_case")} - left_out)
+        forced = [c.case_id for c in all_cached if c.source == "real" and c.info.get("real_case") not in left_out]
+        excluded = [c.case_id for c in all_cached if c.info.get("real_case") in left_out]
         if cached:
             seeds = [c.info["seed"] for c in cached]
             phantom_seeds = (min(seeds), max(seeds) + 1)
@@ -127,6 +130,7 @@ def run_train_segmentation(args: argparse.Namespace) -> int:
         phantom_seeds=phantom_seeds, healthy_fraction=args.healthy_fraction,
         real=real, real_weight=args.real_weight, init=Path(args.init) if args.init else None,
         low_resolution=args.low_resolution, intensity=args.intensity_augment,
+        domain=None if args.no_domain_randomisation else augment.DomainRandomisation(),
         boundary_weight=args.boundary_weight, grid_mm=grid_mm))
     if ctx.is_main:
         print(json.dumps(summary, indent=2))
@@ -147,12 +151,15 @@ def run_train_detection(args) -> int:
     config = TrainConfig(arch=args.arch, backbone=args.backbone, out=out, cache=args.cache, phantoms=args.phantoms,
                          healthy_phantoms=args.healthy_phantoms, negative_phantoms=args.negative_phantoms,
                          real=args.real, val_phantoms=args.val_phantoms, val_real=args.val_real,
+                         real_scans=tuple(scans_to_train_on(args.real_scans, args.leave_out)),
+                         simulator=args.simulator,
                          deeplesion=args.deeplesion,
                          epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, resume=not args.no_resume, device=args.device,
                          threads=args.threads, max_minutes=args.max_minutes, progress=not args.quiet,
                          init=args.init, box_loss=args.box_loss, ema=args.ema,
-                         small_box_weight=args.small_box_weight, grid_mm=args.grid_mm, crop_size=args.crop_size)
+                         small_box_weight=args.small_box_weight, grid_mm=args.grid_mm, crop_size=args.crop_size,
+                         domain=None if args.no_domain_randomisation else augment.DomainRandomisation())
     # One JSON row per epoch as it ends (train_detector calls this on the main process only).
     summary = train_detector(config, on_epoch=_print_epoch)
     print(json.dumps(summary, indent=2))
@@ -186,10 +193,17 @@ def run_train_gan(args) -> int:
         torch.set_num_threads(int(args.threads))
     seeds = [s for s in range(args.phantom_seed, args.phantom_seed + args.phantoms)
              if datasets.split_of(f"phantom_{s:04d}") != "test"]
-    real = [r.strip() for r in args.real.split(",") if r.strip()]
+    real = scans_to_train_on(args.real, args.leave_out)
+    left_out = same_patient_scans([n.strip() for n in args.leave_out.split(",") if n.strip()])
+    cached = sorted(p.name for name in left_out for p in Path(args.data).glob(f"real_{name}_*.npz"))
+    if cached:
+        raise SpineInpaintError(f"the crop cache {args.data} holds crops of left-out scans ({', '.join(cached)}): "
+                                "use another --data folder")
     if seeds or real:
         build_crop_cache(Path(args.data), phantom_seeds=seeds, real=real, lesions_per_level=2,
-                         progress=not args.quiet)
+                         progress=not args.quiet,
+                         domain=None if args.no_domain_randomisation else augment.DomainRandomisation(),
+                         simulator=args.simulator)
     out = args.out or f"runs/gan/{model}{'' if kind == 'binary' else '_grey'}"
     common = dict(kind=kind, data=args.data, out=out, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                   batch_size=args.batch_size, seed=args.seed, device=args.device, resume=not args.no_resume,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,10 +19,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from SpineInpaintLib import SpineInpaintError
+from SpineInpaintLib.core import nifti
+from SpineInpaintLib.core.labels import TOTALSEG_IDS, is_vertebra, verse_to_totalseg
 
 __all__ = [
     "VOLUME_SUFFIXES", "Volume", "from_sitk", "to_sitk", "read_dicom_series", "read_volume", "write_volume",
     "resample_like", "resample_to_spacing", "reorient", "to_vtk_image", "from_vtk_image",
+    "read_totalsegmentator_folder", "read_verse_labels",
 ]
 
 #: File endings that :func:`write_volume` accepts (and :func:`read_volume` reads besides DICOM).
@@ -207,12 +212,7 @@ def read_volume(path: str | os.PathLike, *, require_3d: bool = True) -> Volume:
     if path.is_dir():
         image = read_dicom_series(path)
     else:
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError:
-            raise SpineInpaintError(
-                f"cannot read {path} as an image (supported: NIfTI, NRRD, MHA, DICOM series)"
-            ) from None
+        image = _read_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetPixelID() not in _SCALAR_TYPES:
         raise SpineInpaintError(
             f"{path} has pixel type '{image.GetPixelIDTypeAsString()}'; a scalar (grey-value) volume is needed"
@@ -228,6 +228,34 @@ def read_volume(path: str | os.PathLike, *, require_3d: bool = True) -> Volume:
     return from_sitk(image)
 
 
+def _read_file(path: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        if "orthonormal" not in str(err) or not path.name.lower().endswith((".nii", ".nii.gz")):
+            raise SpineInpaintError(
+                f"cannot read {path} as an image (supported: NIfTI, NRRD, MHA, DICOM series)"
+            ) from None
+    return _read_off_orthonormal(path)
+
+
+def _read_off_orthonormal(path: Path) -> sitk.Image:
+    """Read a NIfTI file whose direction cosines ITK refuses, orthonormalised (see :mod:`.nifti`)."""
+    copy, error = nifti.repaired_copy(path)
+    try:
+        image = sitk.ReadImage(str(copy))
+    except RuntimeError as err:
+        raise SpineInpaintError(f"cannot read {path} even with its direction repaired: {_first_line(err)}") from None
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+    warnings.warn(
+        f"{path.name}: direction cosines off orthonormal by {error:.1e} (accepted up to "
+        f"{nifti.ORTHONORMAL_TOLERANCE:g}); read with the nearest orthonormal direction",
+        UserWarning, stacklevel=3,
+    )
+    return image
+
+
 def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = True) -> Path:
     """Write ``volume`` to NIfTI/NRRD/MHA, keeping origin, spacing and direction.
 
@@ -239,6 +267,79 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = Tr
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(to_sitk(volume), str(path), useCompression=compress)
     return path
+
+
+# --- label formats: one label map in TotalSegmentator v2 ids ---------------------------------------
+def read_totalsegmentator_folder(folder: str | os.PathLike, *, ct_name: str = "ct.nii.gz") -> tuple[Volume, Volume]:
+    """Read a subject of the TotalSegmentator dataset: ``ct.nii.gz`` and ``segmentations/<structure>.nii.gz``.
+
+    The binary masks (one per structure, named as TotalSegmentator v2 names them) become one uint8
+    label map in TotalSegmentator v2 ids on the CT's grid. Where masks overlap, a vertebra wins over
+    any other structure, and otherwise the higher id wins. Mask files whose name is not a v2 class
+    are skipped with one warning.
+
+    Returns
+    -------
+    (ct, labels)
+    """
+    folder = Path(folder)
+    ct_path, seg_dir = folder / ct_name, folder / "segmentations"
+    if not ct_path.exists() or not seg_dir.is_dir():
+        raise SpineInpaintError(
+            f"{folder} is not a TotalSegmentator dataset subject (needs {ct_name} and segmentations/)"
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ct = read_volume(ct_path)
+    for w in caught[:1]:
+        warnings.warn(str(w.message), w.category, stacklevel=2)
+    masks, unknown = [], []
+    for path in sorted(seg_dir.glob("*.nii*")):
+        name = path.name.split(".")[0]
+        if name in TOTALSEG_IDS:
+            masks.append((TOTALSEG_IDS[name], path))
+        else:
+            unknown.append(name)
+    if not masks:
+        raise SpineInpaintError(f"{seg_dir} holds no TotalSegmentator v2 masks")
+    # vertebrae last, so that they win where a mask overlaps them (a rib head on its vertebra)
+    masks.sort(key=lambda item: (is_vertebra(item[0]), item[0]))
+    labels = np.zeros(ct.shape, np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CT's warning said it: the masks share its header
+        for label, path in masks:
+            mask = read_volume(path)
+            if not mask.same_grid(ct):
+                mask = resample_like(mask, ct, labels=True)
+            labels[mask.array > 0] = label
+    if unknown:
+        warnings.warn(f"{seg_dir}: skipped {len(unknown)} masks that are no TotalSegmentator v2 class "
+                      f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})", UserWarning, stacklevel=2)
+    return ct, ct.with_array(labels)
+
+
+def read_verse_labels(path: str | os.PathLike, reference: Volume | None = None) -> Volume:
+    """Read a VerSe vertebra mask (VerSe ids 1-28) as a label map in TotalSegmentator v2 ids.
+
+    VerSe ids without a TotalSegmentator id (28, T13) become 0 with a warning. With ``reference``
+    the map is resampled onto its grid (nearest neighbour).
+    """
+    volume = read_volume(path)
+    values = np.unique(volume.array)
+    if values.min() < 0 or values.max() > 28:
+        raise SpineInpaintError(
+            f"{Path(path).name} holds ids {values.min()}..{values.max()}; VerSe vertebra masks hold 0-28 "
+            "(sub-region masks, ids 41-50, are not vertebra labels)"
+        )
+    mapped, dropped = verse_to_totalseg(volume.array)
+    if dropped:
+        warnings.warn(f"{Path(path).name}: VerSe ids {dropped} have no TotalSegmentator id and were set to 0",
+                      UserWarning, stacklevel=2)
+    out = volume.with_array(mapped)
+    if reference is not None and not out.same_grid(reference):
+        out = resample_like(out, reference, labels=True)
+        out.array = out.array.astype(np.uint8)
+    return out
 
 
 # --- resampling -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 from SpineInpaintLib import SpineInpaintError
 from SpineInpaintLib.core import io
 from SpineInpaintLib.core.labels import VERTEBRA_NAMES, spine_mask
-from SpineInpaintLib.data import deeplesion, lesions
+from SpineInpaintLib.data import deeplesion, lesions, lesions_focal
 from SpineInpaintLib.data.deeplesion_export import make_record, write_series
 from SpineInpaintLib.data.phantom.config import PhantomConfig
 from SpineInpaintLib.data.phantom.generate import make_phantom
@@ -39,7 +39,8 @@ from SpineInpaintLib.inpainting.crops import (
 )
 
 __all__ = [
-    "SPLITS", "Case", "phantom_case", "varied_overrides", "varied_phantom_case", "real_case", "make_cases",
+    "SPLITS", "LESION_SIMULATORS", "pick_simulator", "Case", "phantom_case",
+    "varied_overrides", "varied_phantom_case", "real_case", "make_cases",
     "split_of", "split_cases", "case_seeds", "SliceSample", "mask_boxes_2d", "axial_slices", "write_case",
     "write_deeplesion", "vertebra_crops", "write_manifest",
 ]
@@ -118,21 +119,48 @@ class Case:
 
 
 # --- case sources -------------------------------------------------------------------------------
+#: Lesion simulators a case can draw from: today's (:mod:`.lesions`), the focal one (:mod:`.lesions_focal`),
+#: or ``"both"``: one of the two per case, drawn from its id and seed, half and half.
+LESION_SIMULATORS: tuple[str, ...] = ("classic", "focal", "both")
+
+#: The focal simulator's kinds that stand for each lesion type of the classic one.
+_FOCAL_KINDS_OF = {"lytic": ("lytic_remnant", "soft_tissue_mass"), "sclerotic": ("blastic_nodular",),
+                   "mixed": lesions_focal.FOCAL_KINDS}
+
+
+def pick_simulator(simulator: str, case_id: str, seed: int) -> str:
+    """``"classic"`` or ``"focal"``: ``simulator`` itself, or for ``"both"`` a draw seeded by the case."""
+    if simulator not in LESION_SIMULATORS:
+        raise SpineInpaintError(f"unknown lesion simulator '{simulator}' (expected one of "
+                                f"{', '.join(LESION_SIMULATORS)})")
+    if simulator != "both":
+        return simulator
+    digest = hashlib.sha256(f"simulator:{case_id}:{seed}".encode()).digest()
+    return "focal" if digest[0] & 1 else "classic"
+
+
 def _with_lesion(case_id: str, ct: io.Volume, labels: io.Volume, source: str, seed: int,
-                 lesion_types: Sequence[str] | None, info: dict) -> Case:
+                 lesion_types: Sequence[str] | None, info: dict, simulator: str = "classic") -> Case:
     lesion = None
     if lesion_types:
-        lesion = lesions.random_lesion(ct, labels, seed=seed, lesion_types=list(lesion_types))
+        which = pick_simulator(simulator, case_id, seed)
+        if which == "classic":
+            lesion = lesions.random_lesion(ct, labels, seed=seed, lesion_types=list(lesion_types))
+        else:
+            kinds = sorted({k for t in lesion_types for k in _FOCAL_KINDS_OF.get(t, (t,))})
+            lesion = lesions_focal.random_focal_lesion(ct, labels, seed, kinds=kinds)
+        lesion.params.setdefault("simulator", which)
+        info = {**info, "simulator": which}
     return Case(case_id, lesion.ct if lesion else ct, ct, labels, lesion, source, seed, info)
 
 
 def phantom_case(seed: int, *, lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed"),
-                 **config_overrides) -> Case:
-    """A random phantom (``PhantomConfig.random(seed)``) with an optional random lesion."""
+                 simulator: str = "classic", **config_overrides) -> Case:
+    """A random phantom (``PhantomConfig.random(seed)``) with an optional random lesion from ``simulator``."""
     config = PhantomConfig.random(seed, **config_overrides)
     ph = make_phantom(config)
     return _with_lesion(f"phantom_{seed:04d}", ph.ct, ph.labels, "phantom", seed, lesion_types,
-                        {"phantom_config": config.to_dict()})
+                        {"phantom_config": config.to_dict()}, simulator)
 
 
 #: Levels, caudal to cranial, from which :func:`varied_phantom_case` draws its fields of view.
@@ -164,37 +192,40 @@ def varied_overrides(seed: int) -> dict:
                 blur_mm=round(float(rng.uniform(0.5, 1.2)), 2), sacrum_plate=True)
 
 
-def varied_phantom_case(seed: int, *, lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed")) -> Case:
+def varied_phantom_case(seed: int, *, lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed"),
+                        simulator: str = "classic") -> Case:
     """A phantom drawn as :func:`phantom_case` with the :func:`varied_overrides` of ``seed``; id ``varied_<seed>``."""
     config = PhantomConfig.random(seed, **varied_overrides(seed))
     ph = make_phantom(config)
     return _with_lesion(f"varied_{seed:04d}", ph.ct, ph.labels, "phantom", seed, lesion_types,
-                        {"phantom_config": config.to_dict(), "variety": "varied"})
+                        {"phantom_config": config.to_dict(), "variety": "varied"}, simulator)
 
 
 def real_case(name: str = "totalsegmentator", *, seed: int = 0,
-              lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed")) -> Case:
-    """A real scan from ``../shared/data/real`` (its labels are model predictions) with an optional lesion."""
+              lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed"), simulator: str = "classic") -> Case:
+    """A real scan of the registry (its labels are model predictions) with an optional lesion from ``simulator``."""
     ct, labels = load_real_case(name)
     return _with_lesion(f"real_{name}_{seed:04d}", ct, labels, "real", seed, lesion_types,
-                        {"real_case": name, "labels_note": "TotalSegmentator predictions, not manual truth"})
+                        {"real_case": name, "labels_note": "TotalSegmentator predictions, not manual truth"}, simulator)
 
 
 def make_cases(n_phantoms: int, *, seed: int = 0, real: Sequence[str] = (),
                lesion_types: Sequence[str] | None = ("lytic", "sclerotic", "mixed"),
-               healthy_fraction: float = 0.0, **config_overrides) -> Iterator[Case]:
+               healthy_fraction: float = 0.0, simulator: str = "classic", **config_overrides) -> Iterator[Case]:
     """Yield ``n_phantoms`` phantom cases (seeds ``seed``, ``seed + 1``, ...) then the named real cases.
 
-    ``healthy_fraction`` of the phantoms (drawn per seed) carry no lesion.
+    ``healthy_fraction`` of the phantoms (drawn per seed) carry no lesion; lesions come from
+    ``simulator`` (:data:`LESION_SIMULATORS`).
     """
     if n_phantoms < 0:
         raise SpineInpaintError(f"the number of cases must be >= 0, got {n_phantoms}")
     for k in range(n_phantoms):
         case_seed = seed + k
         healthy = np.random.default_rng([case_seed, 15485863]).random() < healthy_fraction
-        yield phantom_case(case_seed, lesion_types=None if healthy else lesion_types, **config_overrides)
+        yield phantom_case(case_seed, lesion_types=None if healthy else lesion_types, simulator=simulator,
+                           **config_overrides)
     for name in real:
-        yield real_case(name, seed=seed, lesion_types=lesion_types)
+        yield real_case(name, seed=seed, lesion_types=lesion_types, simulator=simulator)
 
 
 # --- splits ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from SpineInpaintLib import SpineInpaintError, pipeline
 from SpineInpaintLib.core import io
 from SpineInpaintLib.core.labels import spine_mask
 from SpineInpaintLib.data import cases as datasets
-from SpineInpaintLib.data import lesions
+from SpineInpaintLib.data import lesions, lesions_focal
 from SpineInpaintLib.data.phantom import config as phantom
 from SpineInpaintLib.data.phantom.generate import make_phantom
 from SpineInpaintLib.detection import inference as detection
@@ -35,7 +35,7 @@ from SpineInpaintLib.segmentation.inference import segment_volume
 from SpineInpaintLib.training import gan
 
 __all__ = [
-    "BENCHMARKS", "run_benchmarks", "format_table", "bench_phantom", "bench_detection", "bench_segmentation",
+    "BENCHMARKS", "run_benchmarks", "format_table", "bench_phantom", "bench_whole_spine", "bench_detection", "bench_segmentation",
     "bench_pipeline", "bench_inpainting", "write_result",
 ]
 
@@ -61,6 +61,29 @@ def bench_phantom(seed: int = 0) -> list[dict]:
         {"name": "phantom", "case": shape, "seconds": t_phantom},
         {"name": "lesion (destructive lytic, L3)", "case": shape, "seconds": t_lesion},
         {"name": "phantom + lesion", "case": shape, "seconds": t_phantom + t_lesion, "target_s": 20.0},
+    ]
+
+
+def bench_whole_spine(seed: int = 0) -> list[dict]:
+    """A 512x512x300 whole-spine phantom, C1 to the sacrum (0.8 mm, 2.4 mm slices), with two lesions.
+
+    The lesions: a classic destructive lytic one in L2 and two focal ones (a soft-tissue mass in T7's
+    body, lytic remnants in C5's pedicle) in one call of the focal simulator. Target (issue 26):
+    phantom and two lesions in under 60 s on the 2-core CPU.
+    """
+    config = phantom.PhantomConfig(seed=seed, shape_xy=(512, 512), n_slices=300, spacing_xy=0.8,
+                                   slice_thickness=2.4, levels="C1-sacrum")
+    ph, t_phantom = _timed(make_phantom, config)
+    _, t_classic = _timed(lesions.simulate_lesion, ph.ct, ph.labels, "L2", "lytic", True, seed=seed)
+    _, t_focal = _timed(lesions_focal.simulate_focal_lesions, ph.ct, ph.labels, seed, levels=["T7", "C5"],
+                        count=2, kinds=["soft_tissue_mass", "lytic_remnant"], locations=["body", "pedicle"])
+    shape = "x".join(map(str, ph.ct.size_xyz))
+    return [
+        {"name": "whole-spine phantom", "case": shape, "seconds": t_phantom},
+        {"name": "classic lesion (L2)", "case": shape, "seconds": t_classic},
+        {"name": "two focal lesions (T7, C5)", "case": shape, "seconds": t_focal},
+        {"name": "phantom + two focal lesions", "case": shape, "seconds": t_phantom + t_focal, "target_s": 60.0},
+        {"name": "phantom + all three lesions", "case": shape, "seconds": t_phantom + t_classic + t_focal},
     ]
 
 
@@ -189,6 +212,7 @@ def bench_inpainting(seed: int = 0, slices: int = 20, methods: tuple[str, ...] =
 #: name -> benchmark function
 BENCHMARKS: dict[str, Callable[[], list[dict]]] = {
     "phantom": bench_phantom,
+    "whole_spine": bench_whole_spine,
     "detection": bench_detection,
     "segmentation": bench_segmentation,
     "pipeline": bench_pipeline,

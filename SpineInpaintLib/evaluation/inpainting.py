@@ -17,8 +17,9 @@ from SpineInpaintLib.core.files import atomic_write
 from SpineInpaintLib.core.labels import spine_mask
 from SpineInpaintLib.core.plotting import pyplot, save_figure
 from SpineInpaintLib.data import cases as datasets
-from SpineInpaintLib.data import lesions
+from SpineInpaintLib.data import lesions, lesions_focal
 from SpineInpaintLib.data.cases import case_seeds
+from SpineInpaintLib.data.real import real_scan
 from SpineInpaintLib.evaluation.metrics.image import inpainting_quality
 from SpineInpaintLib.evaluation.metrics.mmd import kmmd
 from SpineInpaintLib.evaluation.metrics.overlap import dice, hd95
@@ -66,6 +67,23 @@ class EvalLesion:
     labels: io.Volume
     hole: io.Volume
     level: int
+    simulator: str = "classic"
+
+
+#: The focal simulator's kinds drawn for the evaluation's lesions (a destructive one grows a mass).
+_FOCAL_EVAL_KINDS = {True: ("soft_tissue_mass",), False: ("lytic_remnant", "blastic_nodular")}
+
+
+def _simulate(simulator: str, rng: np.random.Generator, ct: io.Volume, labels: io.Volume, level: int,
+              destructive: bool):
+    """One held-out lesion from ``simulator`` at ``level`` (the classic or the focal appearance model)."""
+    size, seed = float(rng.uniform(0.45, 0.8)), int(rng.integers(0, 2**31 - 1))
+    if simulator == "classic":
+        return lesions.simulate_lesion(ct, labels, level, str(rng.choice(["lytic", "sclerotic", "mixed"])),
+                                       destructive, size=size, seed=seed)
+    kind = str(rng.choice(_FOCAL_EVAL_KINDS[destructive]))
+    return lesions_focal.simulate_focal_lesions(ct, labels, seed, levels=[level], kinds=[kind], locations=["body"],
+                                                sizes=[min(size, 0.7)])
 
 
 def test_phantom_seeds(n: int, start: int = 0) -> list[int]:
@@ -80,7 +98,7 @@ def _save_lesions(items: list[EvalLesion], path) -> None:
             arrays[f"{k}_{name}"] = getattr(e, name).array
         geo = e.ct
         arrays[f"{k}_geometry"] = np.concatenate([geo.spacing, geo.origin, np.asarray(geo.direction).ravel()])
-        arrays[f"{k}_meta"] = np.array([e.name, e.source, str(int(e.destructive)), str(e.level)])
+        arrays[f"{k}_meta"] = np.array([e.name, e.source, str(int(e.destructive)), str(e.level), e.simulator])
     with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary's name
         np.savez_compressed(f, n=len(items), **arrays)
 
@@ -91,26 +109,36 @@ def _load_lesions(path) -> list[EvalLesion]:
         for k in range(int(data["n"])):
             g = data[f"{k}_geometry"]
             vol = lambda a, g=g: io.Volume(a, spacing=tuple(g[0:3]), origin=tuple(g[3:6]), direction=g[6:].reshape(3, 3))  # noqa: E731
-            name, source, destructive, level = data[f"{k}_meta"].tolist()
+            name, source, destructive, level, *simulator = data[f"{k}_meta"].tolist()
             out.append(EvalLesion(name, source, destructive == "1", vol(data[f"{k}_ct"]), vol(data[f"{k}_healthy_ct"]),
-                                  vol(data[f"{k}_labels"]), vol(data[f"{k}_hole"]), int(level)))
+                                  vol(data[f"{k}_labels"]), vol(data[f"{k}_hole"]), int(level),
+                                  simulator[0] if simulator else "classic"))
     return out
 
 
 def evaluation_lesions(n_phantoms: int = 8, lesions_per_case: int = 2, n_real: int = 4, seed: int = 0,
-                       progress: bool = True, cache=None) -> list[EvalLesion]:
-    """Held-out lesions: test-split phantoms (the GAN data's compact grid) and the real scan's held-out L2-L4.
+                       progress: bool = True, cache=None, real_scans: Sequence[str] = ("s0009",),
+                       simulators: Sequence[str] = ("classic", "focal"), seen: Sequence[str] = ()) -> list[EvalLesion]:
+    """Held-out lesions: test-split phantoms (the GAN data's compact grid) and ``n_real`` on each real scan.
 
-    Lesion k of a case is destructive for even k and keeps the cortex intact for odd k; type, level
-    and size (0.45-0.8 of the body) are drawn from ``seed``. ``cache`` (a folder) keeps the set as
+    Real scans should be left out of the GANs' training (:func:`SpineInpaintLib.data.real.evaluation_scans`);
+    their lesions go into any whole vertebra the registry lists for the scan, the sacrum excepted. On
+    a scan in ``seen`` (trained on) they go into L2-L4 only, the levels the GANs' crop cache holds out.
+
+    Lesion k of a case is destructive for even k and keeps the cortex intact for odd k, and comes
+    from ``simulators[(k // 2) % len(simulators)]`` (the classic simulator's look or the focal one's:
+    the summary reports each); type, level and size (0.45-0.8 of the body) are drawn from ``seed``. ``cache`` (a folder) keeps the set as
     ``.npz`` for the next run with the same arguments.
     """
 
     if cache is not None:
-        path = Path(cache) / f"lesions_p{n_phantoms}_l{lesions_per_case}_r{n_real}_s{seed}.npz"
+        scans = "-".join(real_scans) if n_real else "none"
+        path = Path(cache) / (f"lesions_p{n_phantoms}_l{lesions_per_case}_r{n_real}_{scans}_"
+                              f"{'-'.join(simulators)}_s{seed}.npz")
         if path.exists():
             return _load_lesions(path)
-        items = evaluation_lesions(n_phantoms, lesions_per_case, n_real, seed, progress, None)
+        items = evaluation_lesions(n_phantoms, lesions_per_case, n_real, seed, progress, None, real_scans,
+                                   simulators, seen)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: _save_lesions(items, tmp))
         return items
@@ -118,7 +146,7 @@ def evaluation_lesions(n_phantoms: int = 8, lesions_per_case: int = 2, n_real: i
 
     rng = np.random.default_rng([seed, 2718])
     out: list[EvalLesion] = []
-    jobs = [("phantom", s) for s in test_phantom_seeds(n_phantoms)] + ([("real", "totalsegmentator")] if n_real else [])
+    jobs = [("phantom", s) for s in test_phantom_seeds(n_phantoms)] + [("real", n) for n in real_scans if n_real]
     for source, key in tqdm(jobs, desc="test lesions", unit="case", disable=not progress):
         if source == "phantom":
             case = datasets.phantom_case(key, lesion_types=None, **phantom_overrides(key))
@@ -129,22 +157,22 @@ def evaluation_lesions(n_phantoms: int = 8, lesions_per_case: int = 2, n_real: i
             count = lesions_per_case
         else:
             case = datasets.real_case(key, seed=0, lesion_types=None)
-            candidates = [28, 29, 30]
+            candidates = [28, 29, 30] if key in seen else [v for v in real_scan(key).levels if v != 25]
             count = n_real
         made = 0
         for _k in range(count * 3):
             if made == count:
                 break
             destructive = made % 2 == 0
+            simulator = simulators[(made // 2) % len(simulators)]
             level = int(rng.choice(candidates))
             try:
-                lesion = lesions.simulate_lesion(case.healthy_ct, case.labels, level,
-                                                 str(rng.choice(["lytic", "sclerotic", "mixed"])), destructive,
-                                                 size=float(rng.uniform(0.45, 0.8)), seed=int(rng.integers(0, 2**31 - 1)))
+                lesion = _simulate(simulator, rng, case.healthy_ct, case.labels, level, destructive)
             except SpineInpaintError:
                 continue
-            out.append(EvalLesion(f"{case.case_id}_L{level}_{'destructive' if destructive else 'intact'}_{made}",
-                                  source, destructive, lesion.ct, case.healthy_ct, case.labels, lesion.mask, level))
+            out.append(EvalLesion(f"{case.case_id}_L{level}_{'destructive' if destructive else 'intact'}_{made}"
+                                  f"_{simulator}", source, destructive, lesion.ct, case.healthy_ct, case.labels,
+                                  lesion.mask, level, simulator))
             made += 1
     return out
 
@@ -232,7 +260,7 @@ def evaluate(lesions_: Sequence[EvalLesion], methods: Sequence[str], *, grey: bo
                                    models=models, seed=seed)
             restored_l = io.reorient(res.restored, "LPS").array > 0
             row = {"lesion": lesion.name, "source": lesion.source, "destructive": lesion.destructive,
-                   "method": method, "kind": "binary", "slices": res.slices, "seconds": res.seconds,
+                   "simulator": lesion.simulator, "method": method, "kind": "binary", "slices": res.slices, "seconds": res.seconds,
                    "seconds_per_slice": res.seconds / max(1, res.slices),
                    **score_binary(restored_l, truth_l, hole_l, spacing)}
             rows.append(row)
@@ -259,7 +287,7 @@ def evaluate(lesions_: Sequence[EvalLesion], methods: Sequence[str], *, grey: bo
                     continue
                 restored_g = io.reorient(res.restored, "LPS").array
                 rows.append({"lesion": lesion.name, "source": lesion.source, "destructive": lesion.destructive,
-                             "method": method, "kind": "grey", "slices": res.slices, "seconds": res.seconds,
+                             "simulator": lesion.simulator, "method": method, "kind": "grey", "slices": res.slices, "seconds": res.seconds,
                              "seconds_per_slice": res.seconds / max(1, res.slices),
                              **score_grey(restored_g, ct_l, hole_l)})
                 gc, _ = _truth_crops(labels_l.array, hole_l, restored_g, lesion.level, spacing, False)
@@ -283,7 +311,8 @@ def _summarise(rows: list[dict]) -> dict:
     for row in rows:
         if "error" in row:
             continue
-        for group in ("all", "destructive" if row["destructive"] else "intact"):
+        groups = ("all", "destructive" if row["destructive"] else "intact", f"{row.get('simulator', 'classic')} simulator")
+        for group in groups:
             cell = out.setdefault(row["kind"], {}).setdefault(group, {}).setdefault(row["method"], {"n": 0})
             cell["n"] += 1
             for k in keys:
@@ -460,7 +489,7 @@ def format_summary(result: dict) -> str:
     """A plain-text table of :func:`evaluate`'s summary."""
     lines = []
     for kind, groups in result["summary"].items():
-        for group in ("destructive", "intact", "all"):
+        for group in ("destructive", "intact", "classic simulator", "focal simulator", "all"):
             if group not in groups:
                 continue
             lines.append(f"\n{kind} task, {group} lesions")
