@@ -354,3 +354,20 @@ def test_gan_holes_come_from_the_focal_simulator_too():
     np.testing.assert_array_equal(focal["binary"], classic["binary"])  # the same crops, other holes
     assert focal["holes"].shape[1:] == classic["holes"].shape[1:]
     assert not np.array_equal(focal["holes"][:1], classic["holes"][:1]) or len(focal["holes"]) != len(classic["holes"])
+
+
+def test_detection_evaluation_reports_each_simulator_apart():
+    from SpineInpaintLib.evaluation.detection import _groups
+    from SpineInpaintLib.training.detection import slim_case
+
+    meta = [{"case_lesion_type": "lytic", "source": "phantom", "destructive": True, "simulator": "classic"},
+            {"case_lesion_type": "soft_tissue_mass", "source": "real", "destructive": True, "simulator": "focal"},
+            {"case_lesion_type": "none", "source": "phantom", "destructive": None, "simulator": None}]
+    groups = _groups(meta)
+    assert groups["simulator=classic"].tolist() == [0] and groups["simulator=focal"].tolist() == [1]
+    assert "simulator=None" not in groups
+    from SpineInpaintLib.data import cases
+
+    case = cases.phantom_case(3, lesion_types=("lytic",), simulator="focal", shape_xy=(96, 96), spacing_xy=2.0,
+                              slice_thickness=3.0, levels=("L3",))
+    assert slim_case(case).info == {"simulator": "focal"}

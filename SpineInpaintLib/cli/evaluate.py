@@ -42,6 +42,9 @@ def _add_evaluate_detection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seen-ok", action="store_true",
                         help="allow named real scans the model was trained on (a fit measurement, marked as such)")
     parser.add_argument("--healthy-phantoms", type=int, default=4, help="healthy test phantoms (default 4)")
+    parser.add_argument("--simulator", default="both", choices=("classic", "focal", "both"),
+                        help="lesion simulator of the test lesions: classic, focal or both (one per case, "
+                        "reported apart; default)")
     parser.add_argument("--deeplesion", help="also score the test-split bone lesions of this DeepLesion-format folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-volume", action="store_true", help="skip the volume-level evaluation")

@@ -179,10 +179,11 @@ def run_evaluate_detection(args) -> int:
                              allow_seen=args.seen_ok)
     print(f"real test scans: {', '.join(scans) or 'none'} (the detector was trained on {', '.join(trained) or 'none'})")
     cases = [slim_case(c) for c in make_detection_cases("test", phantoms=args.phantoms, real=0,
-                                                        healthy_phantoms=args.healthy_phantoms)]
+                                                        healthy_phantoms=args.healthy_phantoms,
+                                                        simulator=args.simulator)]
     for scan in scans:
         cases += [slim_case(c) for c in make_detection_cases("test", phantoms=0, real=args.real, real_name=scan,
-                                                             healthy_real=True)]
+                                                             healthy_real=True, simulator=args.simulator)]
     result = evaluate_detection(detectors, phantoms=args.phantoms, real=args.real,
                                 healthy_phantoms=args.healthy_phantoms, deeplesion=args.deeplesion,
                                 seed=args.seed, volume_level=not args.no_volume, progress=not args.quiet,

@@ -37,10 +37,12 @@ TUNING_VOLUMES = {"phantoms": 12, "real": 12, "healthy_phantoms": 6}
 
 # --- evaluation -----------------------------------------------------------------------------------
 def _groups(meta: list[dict]) -> dict[str, np.ndarray]:
-    """Image indices per reporting group: lesion type, destructive or not, source."""
+    """Image indices per reporting group: lesion type, destructive or not, source, lesion simulator."""
     groups: dict[str, list[int]] = {}
     for i, m in enumerate(meta):
         keys = [f"type={m['case_lesion_type']}", f"source={m['source']}"]
+        if m.get("simulator"):
+            keys.append(f"simulator={m['simulator']}")
         if m["destructive"] is not None:
             keys.append("destructive" if m["destructive"] else "intact cortex")
         for k in keys:

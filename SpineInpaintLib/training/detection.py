@@ -231,7 +231,8 @@ def samples_from_case(case: datasets.Case, *, rng: np.random.Generator, negative
     info = {"case_id": case.case_id, "source": case.source,
             "case_lesion_type": lesion.lesion_type if lesion is not None else "none",
             "destructive": bool(lesion.destructive) if lesion is not None else None,
-            "level": int(lesion.level) if lesion is not None else None}
+            "level": int(lesion.level) if lesion is not None else None,
+            "simulator": case.info.get("simulator", "classic") if lesion is not None else None}
     images, masks, meta = [], [], []
     for z in positives + negatives:
         centre = det.spine_centre(spine[z])
@@ -730,4 +731,5 @@ def slim_case(case: datasets.Case) -> datasets.Case:
         les = types.SimpleNamespace(lesion_type=les.lesion_type, destructive=les.destructive, level=les.level,
                                     lesion_mask=les.lesion_mask, bone_destroyed=les.bone_destroyed,
                                     healthy_labels=case.labels)
-    return datasets.Case(case.case_id, case.ct, case.ct, case.labels, les, case.source, case.seed, {})
+    info = {"simulator": case.info["simulator"]} if "simulator" in case.info else {}
+    return datasets.Case(case.case_id, case.ct, case.ct, case.labels, les, case.source, case.seed, info)
