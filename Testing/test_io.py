@@ -154,3 +154,45 @@ def test_volume_rejects_non_3d_and_bad_spacing():
         io.Volume(np.zeros((4, 4)))
     with pytest.raises(SpineInpaintError, match="spacing must be positive"):
         io.Volume(np.zeros((2, 2, 2)), spacing=(1.0, 0.0, 1.0))
+
+
+# --- damaged NIfTI files: ITK reads them as zeros, we refuse them -------------------------------------------
+def _nifti(tmp_path, name, array):
+    image = sitk.GetImageFromArray(array)
+    sitk.WriteImage(image, str(tmp_path / name))
+    return tmp_path / name
+
+
+def _refused(path, match):
+    before = path.read_bytes()
+    with pytest.raises(SpineInpaintError, match=match) as err:
+        io.read_volume(path)
+    assert "\n" not in str(err.value) and path.read_bytes() == before  # one line, the file untouched
+
+
+def test_truncated_and_corrupted_nifti_files_are_refused(tmp_path):
+    array = np.random.default_rng(0).integers(-1000, 1500, (20, 30, 40)).astype(np.int16)
+    packed = _nifti(tmp_path, "ct.nii.gz", array).read_bytes()
+    raw = _nifti(tmp_path, "ct.nii", array).read_bytes()
+    (tmp_path / "half.nii.gz").write_bytes(packed[: len(packed) // 2])
+    (tmp_path / "third.nii").write_bytes(raw[: len(raw) // 3])
+    flipped = bytearray(packed)
+    for k in range(len(packed) // 3, len(packed) // 3 + 2000):
+        flipped[k] ^= 0xFF
+    (tmp_path / "flipped.nii.gz").write_bytes(bytes(flipped))
+    # what ITK alone does with a cut file: zeros where the data is missing
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "third.nii"))) == 0).mean() > 0.5
+    _refused(tmp_path / "half.nii.gz", "half.nii.gz is damaged")
+    _refused(tmp_path / "third.nii", r"third.nii is truncated: it holds \d+ of the 48000 data bytes")
+    _refused(tmp_path / "flipped.nii.gz", "flipped.nii.gz is damaged")
+    np.testing.assert_array_equal(io.read_volume(tmp_path / "ct.nii.gz").array, array)
+    np.testing.assert_array_equal(io.read_volume(tmp_path / "ct.nii").array, array)
+
+
+def test_nifti_with_nan_or_inf_voxels_is_refused(tmp_path):
+    array = np.zeros((8, 9, 10), np.float32)
+    array[2, 3, 4], array[5, 6, 7] = np.nan, -np.inf
+    path = _nifti(tmp_path, "nan.nii.gz", array)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[2, 3, 4] == 0  # ITK's silent zero
+    _refused(path, "nan.nii.gz holds 2 NaN or infinite voxels")
+    _refused(_nifti(tmp_path, "nan.nii", array), "nan.nii holds 2 NaN or infinite voxels")

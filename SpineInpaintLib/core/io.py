@@ -229,6 +229,8 @@ def read_volume(path: str | os.PathLike, *, require_3d: bool = True) -> Volume:
 
 
 def _read_file(path: Path) -> sitk.Image:
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        nifti.check_data(path)  # ITK reads truncated files and NaN voxels as zeros without a word
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as err:

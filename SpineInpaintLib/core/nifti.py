@@ -10,14 +10,20 @@ the repaired sform is the one geometry the file states.
 
 Beyond :data:`ORTHONORMAL_TOLERANCE` the header describes a sheared grid, and resampling it onto an
 orthonormal one would move voxels by more than a rounding error: that is an error, not a warning.
+
+ITK also reads a truncated NIfTI file without complaint (the missing voxels come back as zeros) and
+turns NaN and infinite voxels into 0: :func:`check_data` reads the data once itself, through the
+gzip checksum, and refuses such files before ITK sees them.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,7 @@ import numpy as np
 from SpineInpaintLib import SpineInpaintError
 
 __all__ = ["ORTHONORMAL_TOLERANCE", "NiftiGeometry", "read_geometry", "orthonormality_error", "nearest_orthonormal",
-           "repaired_copy"]
+           "repaired_copy", "check_data"]
 
 #: Largest accepted ``max |D^T D - I|`` of the normalised direction columns (0.01: about 0.6 degrees of shear).
 ORTHONORMAL_TOLERANCE = 1e-2
@@ -65,13 +71,13 @@ def _header(path: Path) -> tuple[bytes, str]:
         with _open(path) as f:
             head = f.read(_HEADER_SIZE)
     except (OSError, EOFError) as err:
-        raise SpineInpaintError(f"cannot read {path} as a NIfTI file: {err}") from None
+        raise SpineInpaintError(f"cannot read {path} as an image: not a NIfTI file ({err})") from None
     if len(head) < _HEADER_SIZE:
-        raise SpineInpaintError(f"{path} is too short for a NIfTI-1 header")
+        raise SpineInpaintError(f"cannot read {path} as an image: too short for a NIfTI-1 header")
     for endian in ("<", ">"):
         if struct.unpack(endian + "i", head[:4])[0] == _HEADER_SIZE:
             return head, endian
-    raise SpineInpaintError(f"{path} has no NIfTI-1 header (NIfTI-2 files are not supported)")
+    raise SpineInpaintError(f"cannot read {path} as an image: no NIfTI-1 header (NIfTI-2 files are not supported)")
 
 
 def read_geometry(path: str | os.PathLike) -> NiftiGeometry:
@@ -132,3 +138,58 @@ def repaired_copy(path: str | os.PathLike, folder: str | os.PathLike | None = No
     with (gzip.open(out, "wb", compresslevel=1) if out.name.endswith(".gz") else open(out, "wb")) as f:
         f.write(bytes(data))
     return out, error
+
+
+#: NIfTI-1 datatype codes -> numpy dtypes (the scalar ones).
+_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
+
+_CHUNK = 1 << 24
+
+
+def _data_layout(head: bytes, e: str, name: str) -> tuple[int, int, np.dtype | None]:
+    """(offset of the voxel data, its size in bytes, its dtype when scalar) from a NIfTI-1 header."""
+    dims = struct.unpack(e + "8h", head[40:56])
+    datatype, bitpix = struct.unpack(e + "2h", head[70:74])
+    offset = struct.unpack(e + "f", head[108:112])[0]
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d < 0 for d in dims[1:1 + ndim]) or bitpix <= 0 or not math.isfinite(offset):
+        raise SpineInpaintError(f"{name} has a broken NIfTI header (dim {list(dims)}, bitpix {bitpix})")
+    size = math.prod(max(1, d) for d in dims[1:1 + ndim]) * bitpix // 8
+    dtype = np.dtype(_DTYPES[datatype]).newbyteorder(e) if datatype in _DTYPES else None
+    return max(int(offset), _HEADER_SIZE), size, dtype
+
+
+def check_data(path: str | os.PathLike) -> None:
+    """Refuse a NIfTI-1 file that is cut short, whose gzip stream is damaged, or whose voxels hold NaN or inf.
+
+    The data is read once in chunks (the gzip module checks the CRC at the end of the stream); nothing
+    is kept in memory beyond a chunk.
+
+    Raises
+    ------
+    SpineInpaintError
+        With a one-line reason naming the file.
+    """
+    path = Path(path)
+    head, e = _header(path)
+    offset, size, dtype = _data_layout(head, e, path.name)
+    floating = dtype is not None and dtype.kind == "f"
+    total, bad, carry = 0, 0, b""
+    try:
+        with _open(path) as f:
+            f.read(offset)
+            while chunk := f.read(_CHUNK):
+                total += len(chunk)
+                if floating and total - len(chunk) < size:
+                    data = carry + chunk[: max(0, size - (total - len(chunk)))]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:usable], dtype))))
+                    carry = data[usable:]
+    except (OSError, EOFError, zlib.error) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpineInpaintError(f"{path.name} is damaged and cannot be read ({reason})") from None
+    if total < size:
+        raise SpineInpaintError(f"{path.name} is truncated: it holds {total} of the {size} data bytes its header "
+                                "promises")
+    if bad:
+        raise SpineInpaintError(f"{path.name} holds {bad} NaN or infinite voxels; a CT volume needs finite values")
