@@ -196,3 +196,37 @@ def test_nifti_with_nan_or_inf_voxels_is_refused(tmp_path):
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[2, 3, 4] == 0  # ITK's silent zero
     _refused(path, "nan.nii.gz holds 2 NaN or infinite voxels")
     _refused(_nifti(tmp_path, "nan.nii", array), "nan.nii holds 2 NaN or infinite voxels")
+
+
+# --- direction matrices that are not orthonormal (ITK passes NRRD and MHA ones through as stored) ----------
+def _sheared_text_header(tmp_path, ext: str, lean: float):
+    path = tmp_path / f"sheared_{lean:g}.{ext}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(120, dtype=np.int16).reshape(4, 5, 6)), str(path))
+    text = path.read_bytes()
+    if ext == "nrrd":
+        text = text.replace(b"space directions: (1,0,0) (0,1,0) (0,0,1)",
+                            f"space directions: (1,0,0) ({lean:g},1,0) (0,0,1)".encode())
+    else:
+        text = text.replace(b"TransformMatrix = 1 0 0 0 1 0 0 0 1", f"TransformMatrix = 1 0 0 {lean:g} 1 0 0 0 1".encode())
+    path.write_bytes(text)
+    return path
+
+
+@pytest.mark.parametrize("ext", ["nrrd", "mha"])
+def test_sheared_direction_is_refused_beyond_the_tolerance(tmp_path, ext):
+    path = _sheared_text_header(tmp_path, ext, 0.5)
+    assert not np.allclose(np.asarray(sitk.ReadImage(str(path)).GetDirection()).reshape(3, 3)[:, 1], [0, 1, 0])
+    _refused(path, "off orthonormal by 0.[45].*the grid is sheared")
+
+
+@pytest.mark.parametrize("ext", ["nrrd", "mha"])
+def test_slightly_off_direction_is_repaired_and_outputs_share_the_read_grid(tmp_path, ext):
+    from SpineInpaintLib.core import nifti
+
+    path = _sheared_text_header(tmp_path, ext, 0.003)
+    with pytest.warns(UserWarning, match="off orthonormal by 3.0e-03"):
+        volume = io.read_volume(path)
+    assert nifti.orthonormality_error(volume.direction) < 1e-9
+    written = io.write_volume(volume, tmp_path / "out.nii.gz")
+    back = io.read_volume(written)
+    assert back.same_grid(volume)  # what we write keeps the (repaired) grid exactly

@@ -225,7 +225,23 @@ def read_volume(path: str | os.PathLike, *, require_3d: bool = True) -> Volume:
         image = sitk.JoinSeries(image) if image.GetDimension() == 2 else image
     if image.GetDimension() != 3:
         raise SpineInpaintError(f"{path} is {image.GetDimension()}D; a 3D volume is needed")
-    return from_sitk(image)
+    return _orthonormal(from_sitk(image), path)
+
+
+def _orthonormal(volume: Volume, path: Path) -> Volume:
+    """``volume`` with an orthonormal direction: kept, repaired with a warning within the tolerance, else refused.
+
+    ITK hands NRRD and MHA direction matrices through as stored, sheared or not; our outputs must sit
+    on a grid every writer keeps.
+    """
+    error = nifti.orthonormality_error(volume.direction)
+    if error <= 1e-6:
+        return volume
+    if error > nifti.ORTHONORMAL_TOLERANCE:
+        raise nifti.sheared_grid(path.name, error)
+    warnings.warn(nifti.repaired_note(path.name, error), UserWarning, stacklevel=3)
+    volume.direction = nifti.nearest_orthonormal(volume.direction)
+    return volume
 
 
 def _read_file(path: Path) -> sitk.Image:
@@ -250,11 +266,7 @@ def _read_off_orthonormal(path: Path) -> sitk.Image:
         raise SpineInpaintError(f"cannot read {path} even with its direction repaired: {_first_line(err)}") from None
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
-    warnings.warn(
-        f"{path.name}: direction cosines off orthonormal by {error:.1e} (accepted up to "
-        f"{nifti.ORTHONORMAL_TOLERANCE:g}); read with the nearest orthonormal direction",
-        UserWarning, stacklevel=3,
-    )
+    warnings.warn(nifti.repaired_note(path.name, error), UserWarning, stacklevel=3)
     return image
 
 

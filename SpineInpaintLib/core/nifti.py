@@ -31,7 +31,7 @@ import numpy as np
 from SpineInpaintLib import SpineInpaintError
 
 __all__ = ["ORTHONORMAL_TOLERANCE", "NiftiGeometry", "read_geometry", "orthonormality_error", "nearest_orthonormal",
-           "repaired_copy", "check_data"]
+           "sheared_grid", "repaired_note", "repaired_copy", "check_data"]
 
 #: Largest accepted ``max |D^T D - I|`` of the normalised direction columns (0.01: about 0.6 degrees of shear).
 ORTHONORMAL_TOLERANCE = 1e-2
@@ -101,6 +101,18 @@ def nearest_orthonormal(direction: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
+def sheared_grid(name: str, error: float) -> SpineInpaintError:
+    """The one-line error for direction cosines off orthonormal by more than :data:`ORTHONORMAL_TOLERANCE`."""
+    return SpineInpaintError(f"{name}: the direction cosines are off orthonormal by {error:.2g} (accepted up to "
+                             f"{ORTHONORMAL_TOLERANCE:g}); the grid is sheared: resample it to an orthonormal grid first")
+
+
+def repaired_note(name: str, error: float) -> str:
+    """The warning for direction cosines off orthonormal within the tolerance, read orthonormalised."""
+    return (f"{name}: direction cosines off orthonormal by {error:.1e} (accepted up to {ORTHONORMAL_TOLERANCE:g}); "
+            "read with the nearest orthonormal direction")
+
+
 def repaired_copy(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> tuple[Path, float]:
     """Write a copy of a NIfTI-1 file whose sform is orthonormalised; return it and the error it had.
 
@@ -122,10 +134,7 @@ def repaired_copy(path: str | os.PathLike, folder: str | os.PathLike | None = No
         raise SpineInpaintError(f"{path.name}: the header holds no usable sform to repair")
     error = orthonormality_error(geometry.direction)
     if error > ORTHONORMAL_TOLERANCE:
-        raise SpineInpaintError(
-            f"{path.name}: the direction cosines are off orthonormal by {error:.2g} (accepted up to "
-            f"{ORTHONORMAL_TOLERANCE:g}); the grid is sheared: resample it to an orthonormal grid first"
-        )
+        raise sheared_grid(path.name, error)
     matrix = nearest_orthonormal(geometry.direction) * geometry.spacing
     with _open(path) as f:
         data = bytearray(f.read())
