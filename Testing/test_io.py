@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -230,3 +232,52 @@ def test_slightly_off_direction_is_repaired_and_outputs_share_the_read_grid(tmp_
     written = io.write_volume(volume, tmp_path / "out.nii.gz")
     back = io.read_volume(written)
     assert back.same_grid(volume)  # what we write keeps the (repaired) grid exactly
+
+
+# --- DICOM series with a missing, damaged or duplicated slice ----------------------------------------------------
+@pytest.fixture()
+def dicom_files():
+    from SpineInpaintLib.data.real import real_data_dir
+
+    folder = real_data_dir() / "totalsegmentator" / "example_ct_dicom"
+    if not folder.exists():
+        pytest.skip("no ../shared/data/real")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+
+
+def _series(tmp_path, files, name):
+    import shutil
+
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in files:
+        shutil.copy(f, folder)
+    return folder
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path, dicom_files):
+    folder = _series(tmp_path, dicom_files[:9] + dicom_files[10:], "missing")
+    # ITK alone averages the gap into the spacing: 2.11 mm for this 2 mm series
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    assert reader.Execute().GetSpacing()[2] == pytest.approx(38 / 18)
+    with pytest.raises(SpineInpaintError, match=r"is irregular: slices 8 and 9 are 4.00 mm apart where the others "
+                                                r"are 2.00 mm") as err:
+        io.read_volume(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_dicom_series_with_a_damaged_or_duplicated_slice_is_refused(tmp_path, dicom_files):
+    import shutil
+
+    damaged = _series(tmp_path, dicom_files, "damaged")
+    victim = damaged / Path(dicom_files[7]).name
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SpineInpaintError, match="is irregular"):
+        io.read_volume(damaged)
+    duplicated = _series(tmp_path, dicom_files, "duplicated")
+    shutil.copy(dicom_files[5], duplicated / "copy_of_slice_5.dcm")
+    with pytest.raises(SpineInpaintError, match="holds two slices at the same position"):
+        io.read_volume(duplicated)
+    assert io.read_volume(_series(tmp_path, dicom_files, "whole")).shape == (20, 512, 512)
