@@ -162,6 +162,25 @@ def test_check_ct_flags_non_ct():
     assert "constant" in check_ct(case.ct.with_array(np.zeros(case.ct.shape)))[0]
     mr = case.ct.with_array(np.random.default_rng(1).uniform(0, 2000, case.ct.shape))
     assert any("no air" in r for r in check_ct(mr))
+    # int32 extremes written into bone and air: no CT stores such values
+    broken = case.ct.array.astype(np.int32)
+    broken[broken > 300], broken[broken < -900] = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+    assert any("outside any CT's range" in r for r in check_ct(case.ct.with_array(broken)))
+    two = io.Volume(case.ct.array[:2].copy(), case.ct.spacing, case.ct.origin, case.ct.direction)
+    assert any("needs at least 3 slices" in r for r in check_ct(two))
+
+
+def test_restore_refuses_int32_extremes_and_two_slices_in_one_line(real_case):
+    from SpineInpaintLib import pipeline
+
+    ct, _ = real_case
+    broken = ct.array.astype(np.int32)
+    broken[broken > 300] = np.iinfo(np.int32).max
+    with pytest.raises(SpineInpaintError, match="outside any CT's range") as err:
+        pipeline.restore(ct.with_array(broken))
+    assert "\n" not in str(err.value)
+    with pytest.raises(SpineInpaintError, match="needs at least 3 slices"):
+        pipeline.restore(io.Volume(ct.array[:2].copy(), ct.spacing, ct.origin, ct.direction))
 
 
 def test_clean_mask_removes_specks_keeps_neighbouring_vertebrae():

@@ -53,7 +53,7 @@ from SpineInpaintLib.segmentation.networks import (
 from SpineInpaintLib.segmentation.vertebrae import clean_mask, split_vertebrae
 
 __all__ = [
-    "NEIGHBOUR_MM", "WINDOWS", "to_network_grid", "channel_stack", "check_ct", "predict_grid", "locate_spine",
+    "NEIGHBOUR_MM", "WINDOWS", "CT_HU_RANGE", "MIN_SLICES", "to_network_grid", "channel_stack", "check_ct", "predict_grid", "locate_spine",
     "SegmentationResult", "segment_volume", "export_vertebra", "LOCATED_NETWORKS", "LOCATE_MARGIN_MM",
     "LOCATE_MIN_MM",
 ]
@@ -124,17 +124,28 @@ def channel_stack(hu: np.ndarray, z_spacing: float, indices: Sequence[int] | Non
 
 
 # --- input checks -----------------------------------------------------------------------------------
+#: Values any stored CT can hold: int16 padding down to -32768, extended-scale metal up to 65535 HU.
+CT_HU_RANGE = (-32768, 65535)
+
+#: Fewest slices a CT volume may have (a 2-slice volume has no neighbours for the 2.5D networks).
+MIN_SLICES = 3
+
+
 def check_ct(ct: io.Volume) -> list[str]:
     """Reasons why ``ct`` does not look like a CT in Hounsfield units (empty list: looks fine).
 
     CT of a body has air outside it (about -1000 HU) and bone above about 300 HU. A constant image,
     one with no voxel below -500 HU (MR, PET, an already-windowed image) or one with no voxel above
-    150 HU is flagged.
+    150 HU is flagged, and so are values outside :data:`CT_HU_RANGE` and volumes of fewer than
+    :data:`MIN_SLICES` slices along every axis but two.
     """
     array = np.asarray(ct.array)
     reasons = []
     if array.size == 0:
         return ["the volume is empty"]
+    if min(array.shape) < MIN_SLICES:
+        reasons.append(f"the volume is {'x'.join(map(str, ct.size_xyz))} voxels: a CT volume needs at least "
+                       f"{MIN_SLICES} slices")
     if not np.issubdtype(array.dtype, np.number):
         return [f"the volume holds {array.dtype} values, not numbers"]
     finite = np.isfinite(array)
@@ -142,6 +153,9 @@ def check_ct(ct: io.Volume) -> list[str]:
         reasons.append(f"{np.count_nonzero(~finite)} voxels are NaN or infinite")
         array = np.where(finite, array, 0)
     lo, hi = float(array.min()), float(array.max())
+    if lo < CT_HU_RANGE[0] or hi > CT_HU_RANGE[1]:
+        reasons.append(f"values from {lo:.0f} to {hi:.0f} lie outside any CT's range ({CT_HU_RANGE[0]} to "
+                       f"{CT_HU_RANGE[1]} HU): not HU, or a damaged file")
     if hi - lo < 1e-6:
         reasons.append(f"the volume is constant ({lo:g}): not a CT")
         return reasons
