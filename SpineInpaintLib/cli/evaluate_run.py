@@ -31,7 +31,7 @@ from SpineInpaintLib.evaluation.inpainting import (
     gan_table,
     paired_wins,
 )
-from SpineInpaintLib.evaluation.restore import evaluate_restore, shipped_training_scans
+from SpineInpaintLib.evaluation.restore import evaluate_restore, folder_training_scans, shipped_training_scans
 from SpineInpaintLib.evaluation.segmentation import (
     PAPER_TABLE_I,
     evaluate_cases,
@@ -51,11 +51,6 @@ def _sidecar(weights: Path) -> dict:
     """The JSON beside a weight file ({} when there is none)."""
     path = Path(weights).with_suffix(".json")
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _folder_training_scans(folder: str | Path) -> tuple[str, ...]:
-    """The real scans any model in a weights folder was trained on."""
-    return tuple(sorted({s for p in Path(folder).glob("*.json") for s in trained_scans(json.loads(p.read_text()))}))
 
 
 def run_evaluate_restore(args) -> int:
@@ -133,8 +128,8 @@ def run_evaluate_segmentation(args: argparse.Namespace) -> int:
         print(f"{'vertebra':<9}{'Dice':>8}{'HD95 mm':>9}{'missing':>9}")
         for level, v in summary["per_vertebra"].items():
             print(f"{vertebra_name(level):<9}{v['dice']:>8.3f}{v['hd95_mm']:>9.2f}{v['missing']:>6}/{v['n']}")
-        for r in real_records[net]:
-            seen = "in training" if r["case_id"].removeprefix("real_").rsplit("_", 1)[0] in trained else "left out"
+        for name, r in zip(real, real_records[net]):
+            seen = "in training" if name in trained else "left out"
             print(f"{net} real {r['case_id']} ({seen}; labels are TotalSegmentator predictions): "
                   f"spine 3D Dice {r['dice_3d']:.4f}, IoU {r['iou_3d']:.4f}, HD95 {r['hd95_mm']:.2f} mm; per vertebra Dice "
                   + ", ".join(f"{vertebra_name(k)} {v['dice']:.2f}" for k, v in r["per_vertebra"].items()))
@@ -224,7 +219,7 @@ def run_evaluate_inpainting(args) -> int:
     if args.phantoms < 0 or args.real < 0 or args.lesions_per_case < 1:
         raise SpineInpaintError("--phantoms and --real must be >= 0 and --lesions-per-case >= 1")
     models = ModelCache(args.weights_dir)
-    trained = shipped_training_scans(("gan",)) if not args.weights_dir else _folder_training_scans(args.weights_dir)
+    trained = shipped_training_scans(("gan",)) if not args.weights_dir else folder_training_scans(args.weights_dir)
     scans = evaluation_scans(args.real_scans, trained, "the GANs", allow_seen=args.seen_ok)
     print(f"real test scans: {', '.join(scans) or 'none'} (the GANs were trained on {', '.join(trained) or 'none'})")
     simulators = [m.strip() for m in args.simulators.split(",") if m.strip()]

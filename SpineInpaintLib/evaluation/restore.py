@@ -6,6 +6,7 @@ import itertools
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from SpineInpaintLib.data.real import load_real_case, trained_scans
 from SpineInpaintLib.evaluation.metrics import overlap as metrics
 from SpineInpaintLib.pipeline import DEFAULT_METHOD, RestoreResult, restore
 
-__all__ = ["truth_metrics", "evaluate_restore", "shipped_training_scans"]
+__all__ = ["truth_metrics", "evaluate_restore", "folder_training_scans", "shipped_training_scans"]
 
 
 def truth_metrics(result: RestoreResult, truth: dict) -> dict:
@@ -51,15 +52,19 @@ def truth_metrics(result: RestoreResult, truth: dict) -> dict:
     return out
 
 
+def folder_training_scans(folder: str | Path) -> tuple[str, ...]:
+    """Every real scan the models whose JSON sidecars are in ``folder`` were trained on."""
+    scans: set[str] = set()
+    for path in sorted(Path(folder).glob("*.json")):
+        meta = json.loads(path.read_text())
+        if "training" in meta:
+            scans.update(trained_scans(meta))
+    return tuple(sorted(scans))
+
+
 def shipped_training_scans(stages: Sequence[str] = ("segmentation", "detection", "gan")) -> tuple[str, ...]:
     """Every real scan the shipped models of ``stages`` were trained on (read from their JSON sidecars)."""
-    scans: set[str] = set()
-    for stage in stages:
-        for path in sorted(weights_dir(stage).glob("*.json")):
-            meta = json.loads(path.read_text())
-            if "training" in meta:
-                scans.update(trained_scans(meta))
-    return tuple(sorted(scans))
+    return tuple(sorted({scan for stage in stages for scan in folder_training_scans(weights_dir(stage))}))
 
 
 def _destructive_lesion(simulator: str, ct, labels, level: str, seed: int):
